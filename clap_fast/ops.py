@@ -1,0 +1,180 @@
+"""The dispatch layer: the only place in clap_fast that looks at devices.
+
+Each op runs the Triton kernel from ``kernels/`` when the tensor is on a CUDA device and Triton
+imports, and the pure-PyTorch reference from ``kernels/*_ref.py`` otherwise (the reference is
+what ``torch.compile`` on the CPU and the ONNX exporter see).
+
+Overrides, strongest first:
+  * ``with ops.use_backend("triton" | "reference" | "auto"):`` (context-local),
+  * the environment variable ``CLAP_FAST_BACKEND`` (read at each call),
+  * ``auto``.
+
+``triton`` forced on CPU tensors runs the kernels through Triton's interpreter; that needs
+``TRITON_INTERPRET=1`` in the environment before ``kernels`` is imported, and raises a clear
+error otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from kernels import contrastive_ref, mel_ref, window_attention_ref
+
+__all__ = [
+    "BACKENDS",
+    "backend",
+    "use_backend",
+    "device_of",
+    "log_mel",
+    "window_attention",
+    "contrastive_loss",
+]
+
+BACKENDS = ("auto", "triton", "reference")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("clap_fast_backend", default=None)
+
+
+def backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else ``CLAP_FAST_BACKEND``, else auto."""
+    name = _override.get() or os.environ.get("CLAP_FAST_BACKEND", "auto") or "auto"
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"CLAP_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block: "triton", "reference" or "auto"."""
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """Decide the backend for one call from the tensor's device and the override."""
+    name = backend()
+    if name == "reference":
+        return False
+    if _exporting():
+        # Exporters trace the reference: it is plain aten, which ONNX and AOTInductor handle.
+        return False
+    if name == "auto":
+        return t.is_cuda and _triton_available()
+    if not _triton_available():
+        raise RuntimeError("backend 'triton' was forced but Triton is not installed")
+    if not t.is_cuda and not _interpreting():
+        raise RuntimeError(
+            "backend 'triton' was forced on a CPU tensor: set TRITON_INTERPRET=1 before importing "
+            "clap_fast to run the kernels through Triton's interpreter, or use 'auto'/'reference'"
+        )
+    return True
+
+
+def _exporting() -> bool:
+    onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
+    return bool((onnx_export is not None and onnx_export()) or torch.compiler.is_exporting())
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for an empty module)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def default_device() -> torch.device:
+    """cuda when a GPU is visible, else cpu (used for ``device="auto"`` in the API and CLI)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> default_device(); anything else -> torch.device, with a clear error."""
+    if device is None or device == "auto":
+        return default_device()
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was requested but no CUDA GPU is visible")
+    return dev
+
+
+def _kernel(name: str):
+    """Import ``kernels.<name>`` lazily (Triton kernels must not load at package import)."""
+    try:
+        return importlib.import_module(f"kernels.{name}")
+    except ImportError as exc:  # pragma: no cover - depends on the installed stack
+        raise RuntimeError(f"the Triton kernel kernels.{name} could not be imported: {exc}") from exc
+
+
+def log_mel(
+    waveform: torch.Tensor,
+    mel_fb: torch.Tensor,
+    *,
+    n_fft: int = 1024,
+    hop_length: int = 480,
+    amin: float = 1e-10,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, L) float/int16 waveform -> (B, T, n_mels) float32 log-mel; see ``kernels/mel_ref.py``."""
+    kwargs = dict(n_fft=n_fft, hop_length=hop_length, amin=amin, scale=scale, shift=shift)
+    if _use_triton(waveform):
+        return _kernel("mel").log_mel(waveform, mel_fb, **kwargs)
+    dft = "matmul" if _exporting() else "fft"
+    return mel_ref.log_mel(waveform, mel_fb, dft=dft, **kwargs)
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    bias_table: torch.Tensor,
+    *,
+    num_heads: int,
+    window_size: int,
+    shift_size: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """(B, H, W, 3C) -> (B, H, W, C) shifted-window attention; see ``kernels/window_attention_ref.py``."""
+    kwargs = dict(num_heads=num_heads, window_size=window_size, shift_size=shift_size, scale=scale)
+    if _use_triton(qkv):
+        return _kernel("window_attention").window_attention(qkv, bias_table, **kwargs)
+    return window_attention_ref.window_attention(qkv, bias_table, **kwargs)
+
+
+def contrastive_loss(
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    logit_scale: torch.Tensor,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Mean cross-entropy of rows of ``scale * A @ B^T`` against targets ``offset + i``.
+
+    A: (n, d) this rank's features, B: (N, d) all features of the other modality, logit_scale:
+    the (already exponentiated) scale, 0-d or shape (1,). See ``kernels/contrastive_ref.py``.
+    """
+    if _use_triton(features_a):
+        return _kernel("contrastive").contrastive_loss(features_a, features_b, logit_scale, offset)
+    return contrastive_ref.contrastive_loss(features_a, features_b, logit_scale, offset)
