@@ -1,0 +1,155 @@
+"""The CLAP model: an audio tower and a text tower projected into one embedding space.
+
+Module and parameter names equal LAION's (``module.`` prefix aside), so a LAION state dict loads
+with ``load_state_dict(strict=True)``. One deliberate difference: ``logit_scale_a/_t`` have shape
+(1,) instead of 0-d, because FSDP2 refuses 0-d parameters. Loading accepts both shapes, and
+``clap_fast.checkpoint.to_laion_state_dict`` writes them 0-d again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clap_fast.api import InferenceMixin
+from clap_fast.config import CLAPConfig
+from clap_fast.htsat import HTSAT
+from clap_fast.pann import PANN
+from clap_fast.text import CLIPTransformer, build_hf_tower, hf_tower_forward, hf_tower_width
+
+__all__ = ["CLAP", "MLPLayers"]
+
+# Buffers some transformers versions keep in RoBERTa/BERT state dicts and others do not.
+_OPTIONAL_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+class MLPLayers(nn.Module):
+    """LAION's transform head: Linear, ReLU, Dropout, Linear (keys sequential.0 / .3)."""
+
+    def __init__(self, width: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.sequential = nn.Sequential(
+            nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequential(x)
+
+
+def _projection(din: int, dout: int, act: str) -> nn.Sequential:
+    if act not in ("relu", "gelu"):
+        raise ValueError(f"mlp_act must be relu or gelu, got {act!r}")
+    return nn.Sequential(
+        nn.Linear(din, dout), nn.ReLU() if act == "relu" else nn.GELU(), nn.Linear(dout, dout)
+    )
+
+
+class CLAP(InferenceMixin, nn.Module):
+    """Contrastive language–audio model (LAION CLAP layout).
+
+    Build with ``clap_fast.create_model(name, text=...)`` (random weights) or
+    ``CLAP.from_pretrained(path_or_name)``.
+    """
+
+    def __init__(self, cfg: CLAPConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        joint = cfg.joint_embed_shape
+        if cfg.audio.model_type == "HTSAT":
+            self.audio_branch = HTSAT(cfg.audio, cfg.enable_fusion)
+        elif cfg.audio.model_type == "PANN":
+            self.audio_branch = PANN(cfg.audio, cfg.enable_fusion)
+        else:
+            raise ValueError(f"unknown audio model type {cfg.audio.model_type!r}")
+        t = cfg.text
+        self.text_type = t.model_type
+        if t.model_type == "transformer":
+            self.text_branch = CLIPTransformer(t.width, t.layers, t.heads)
+            self.token_embedding = nn.Embedding(t.vocab_size, t.width)
+            self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
+            self.ln_final = nn.LayerNorm(t.width)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
+            nn.init.normal_(self.positional_embedding, std=0.01)
+            mask = torch.full((t.context_length, t.context_length), float("-inf")).triu_(1)
+            self.register_buffer("attn_mask", mask, persistent=False)
+            text_width = t.width
+        else:
+            self.text_branch = build_hf_tower(t)
+            text_width = hf_tower_width(self.text_branch)
+        self.text_transform = MLPLayers(joint)
+        self.text_projection = _projection(text_width, joint, cfg.mlp_act)
+        self.audio_transform = MLPLayers(joint)
+        self.audio_projection = _projection(cfg.embed_dim, joint, cfg.mlp_act)
+        init = math.log(1 / 0.07)
+        self.logit_scale_a = nn.Parameter(torch.full((1,), init))
+        self.logit_scale_t = nn.Parameter(torch.full((1,), init))
+
+    # ------------------------------------------------------------------ towers
+    def encode_audio(
+        self,
+        waveform: torch.Tensor | None = None,
+        *,
+        mel_fusion: torch.Tensor | None = None,
+        longer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Projected, unnormalised audio features (B, 512).
+
+        Non-fusion: ``waveform`` (B, clip_samples) float32. Fusion: ``mel_fusion``
+        (B, 4, 1001, 64) HTK log-mel views and ``longer`` (B,) bool.
+        """
+        pooled = self.audio_branch(waveform, mel_fusion=mel_fusion, longer=longer)
+        return self.audio_projection(pooled)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected, unnormalised text features (B, 512) from (B, L) token ids."""
+        if self.text_type == "transformer":
+            x = self.token_embedding(input_ids) + self.positional_embedding
+            x = self.text_branch(x.transpose(0, 1), self.attn_mask).transpose(0, 1)
+            x = self.ln_final(x)
+            # EOT pooling: the EOT token has the highest id in CLIP's vocabulary.
+            x = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
+            return self.text_projection(x)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = hf_tower_forward(self.text_type, self.text_branch, input_ids, attention_mask)
+        return self.text_projection(x)
+
+    def forward(
+        self,
+        waveform: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        mel_fusion: torch.Tensor | None = None,
+        longer: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training forward: normalised features, their MLP transforms and both scales (exp'd)."""
+        a = F.normalize(self.encode_audio(waveform, mel_fusion=mel_fusion, longer=longer), dim=-1)
+        t = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        return {
+            "audio_features": a,
+            "text_features": t,
+            "audio_features_mlp": self.audio_transform(a),
+            "text_features_mlp": self.text_transform(t),
+            "logit_scale_a": self.logit_scale_a.exp(),
+            "logit_scale_t": self.logit_scale_t.exp(),
+        }
+
+    # ------------------------------------------------------- checkpoint shapes
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for name in ("logit_scale_a", "logit_scale_t"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        if self.text_type != "transformer":
+            own = self.text_branch.state_dict(keep_vars=True)  # persistent entries only
+            for name in _OPTIONAL_TEXT_BUFFERS:
+                key = f"{prefix}text_branch.{name}"
+                if name in own and key not in state_dict:
+                    state_dict[key] = own[name].detach().clone()
+                elif name not in own:
+                    state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
