@@ -178,3 +178,17 @@ def contrastive_loss(
     if _use_triton(features_a):
         return _kernel("contrastive").contrastive_loss(features_a, features_b, logit_scale, offset)
     return contrastive_ref.contrastive_loss(features_a, features_b, logit_scale, offset)
+
+
+def contrastive_loss_symmetric(
+    features_a: torch.Tensor, features_b: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Mean of both directions of the square (n == N, one process) contrastive loss.
+
+    A, B: (n, d), logit_scale: 0-d or (1,). Equals ``(contrastive_loss(A, B, s) +
+    contrastive_loss(B, A, s)) / 2`` from one fused pass; see ``kernels/contrastive_ref.py``.
+    """
+    if _use_triton(features_a):
+        kernel = _kernel("contrastive")
+        return kernel.contrastive_loss_symmetric(features_a, features_b, logit_scale)
+    return contrastive_ref.contrastive_loss_symmetric(features_a, features_b, logit_scale)

@@ -16,7 +16,11 @@ directions.
 What one program computes:
   * ``_fwd_kernel``: BLOCK_M rows of A against all of B, streaming BLOCK_N-column tiles of L
     (each tile a K-loop of BLOCK_K-wide dots) with an online log-sum-exp; it stores lse_i and
-    the target logit L[i, t_i] (n floats each). The n x N logits never exist in memory. The
+    the per-row loss and q_i = 1 - P[i, t_i] (n floats each). The loss is formed from the
+    running max m, the target logit x_t and the off-target sum r = sum_{j != t} exp(x_j - m)
+    (log1p(r / exp(x_t - m)) when x_t is within 1 of the max), so tiny losses keep their
+    relative precision; the backward uses G[i, t_i] = -q_i instead of P_t - 1 for the same
+    reason. The n x N logits never exist in memory. The
     symmetric variant launches it twice, (A, B) and (B, A), for row and column LSE.
   * ``_bwd_kernel``: one (BLOCK_M, BLOCK_N) tile of L, recomputed once, turned into G, then for
     each BLOCK_D slice of d: G @ B_tile atomically added into an fp32 (n, d) buffer and
@@ -90,12 +94,20 @@ def _logits_tile(
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x), accurate for small x (Goldberg's trick: no libdevice needed)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _fwd_kernel(
     a_ptr,
     b_ptr,
     scale_ptr,
+    loss_ptr,
     lse_ptr,
-    tgt_ptr,
+    q_ptr,
     n,
     N,
     D,
@@ -114,8 +126,8 @@ def _fwd_kernel(
     target = offset + rows
     s = tl.load(scale_ptr).to(tl.float32)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tgt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_{j != t} exp(x_j - m)
+    x_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         x = s * _logits_tile(
@@ -124,12 +136,21 @@ def _fwd_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
         )  # fmt: skip
         x = tl.where(cols[None, :] < N, x, float("-inf"))
+        is_t = cols[None, :] == target[:, None]
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        e = tl.where(is_t, 0.0, tl.exp(x - m_new[:, None]))
+        r = r * tl.exp(m - m_new) + tl.sum(e, axis=1)
         m = m_new
-        tgt += tl.sum(tl.where(cols[None, :] == target[:, None], x, 0.0), axis=1)
-    tl.store(lse_ptr + rows, m + tl.log(l), mask=rows < n)
-    tl.store(tgt_ptr + rows, tgt, mask=rows < n)
+        x_t += tl.sum(tl.where(is_t, x, 0.0), axis=1)
+    # loss = lse - x_t without cancellation when the target is (near) the max: see the header
+    e_t = tl.exp(x_t - m)
+    z = e_t + r
+    gap = m - x_t
+    loss = tl.where(gap > 1.0, gap + tl.log(z), _log1p(r / e_t))
+    ok = rows < n
+    tl.store(loss_ptr + rows, loss, mask=ok)
+    tl.store(lse_ptr + rows, m + tl.log(z), mask=ok)
+    tl.store(q_ptr + rows, r / z, mask=ok)
 
 
 @triton.jit
@@ -139,7 +160,9 @@ def _bwd_kernel(
     scale_ptr,
     grad_ptr,
     lse_r_ptr,
+    q_r_ptr,
     lse_c_ptr,
+    q_c_ptr,
     ga_ptr,
     gb_ptr,
     n,
@@ -172,12 +195,15 @@ def _bwd_kernel(
     )  # fmt: skip
     row_ok = rows < n
     col_ok = cols < N
-    onehot = tl.where(cols[None, :] == (offset + rows)[:, None], 1.0, 0.0)
+    is_t = cols[None, :] == (offset + rows)[:, None]
     lse_r = tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0)
-    gt = tl.exp(x - lse_r[:, None]) - onehot
+    q = tl.load(q_r_ptr + rows, mask=row_ok, other=0.0)  # 1 - P[i, t_i], from the forward
+    gt = tl.exp(x - lse_r[:, None])
     if SYMMETRIC:
         lse_c = tl.load(lse_c_ptr + cols, mask=col_ok, other=0.0)
-        gt += tl.exp(x - lse_c[None, :]) - onehot
+        gt += tl.exp(x - lse_c[None, :])
+        q += tl.load(q_c_ptr + rows, mask=row_ok, other=0.0)  # square: column t_i == row i
+    gt = tl.where(is_t, -q[:, None], gt)  # P_t - 1 without cancellation
     gt = tl.where(row_ok[:, None] & col_ok[None, :], gt * g, 0.0)
     if not UPCAST:
         gt = gt.to(a_ptr.dtype.element_ty)  # tensor-core dots for fp16 / bf16
@@ -223,42 +249,41 @@ def _settings(a: torch.Tensor, D: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_D=64, UPCAST=upcast, PRECISION=precision)
 
 
-def _row_lse(
+def _row_stats(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (n, d), B (N, d) -> lse (n,) fp32 over rows of s A B^T, and the target logits (n,)."""
+    """A (n, d), B (N, d) -> per-row loss (n,) and stats (2, n) = [lse, 1 - P_target], fp32."""
     n, D = a.shape
     N = b.shape[0]
-    lse = torch.empty(n, device=a.device, dtype=torch.float32)
-    tgt = torch.empty(n, device=a.device, dtype=torch.float32)
+    loss = torch.empty(n, device=a.device, dtype=torch.float32)
+    stats = torch.empty(2, n, device=a.device, dtype=torch.float32)
     cfg = _settings(a, D)
     cfg.pop("BLOCK_D")
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     _fwd_kernel[grid](
-        a, b, scale, lse, tgt, n, N, D, offset,
+        a, b, scale, loss, stats[0], stats[1], n, N, D, offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), **cfg,
     )  # fmt: skip
-    return lse, tgt
+    return loss, stats
 
 
 @torch.library.custom_op("clap_fast::contrastive_fwd", mutates_args=())
 def _fwd(
     a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss (0-d fp32), row lse (n,) fp32, column lse (N,) fp32 (empty unless symmetric)."""
-    lse_r, tgt = _row_lse(a, b, scale, offset)
+    """-> loss (0-d fp32), row stats (2, n), column stats (2, N) (empty unless symmetric)."""
+    loss_r, stats_r = _row_stats(a, b, scale, offset)
     if not symmetric:
-        return (lse_r - tgt).mean(), lse_r, lse_r.new_empty(0)
-    lse_c, _ = _row_lse(b, a, scale, 0)
-    loss = ((lse_r - tgt).sum() + (lse_c - tgt).sum()) / (2 * a.shape[0])
-    return loss, lse_r, lse_c
+        return loss_r.mean(), stats_r, stats_r.new_empty(2, 0)
+    loss_c, stats_c = _row_stats(b, a, scale, 0)
+    return (loss_r.sum() + loss_c.sum()) / (2 * a.shape[0]), stats_r, stats_c
 
 
 @_fwd.register_fake
 def _fwd_fake(a, b, scale, offset, symmetric):
     f32 = dict(device=a.device, dtype=torch.float32)
     n_col = b.shape[0] if symmetric else 0
-    return a.new_empty((), **f32), a.new_empty(a.shape[0], **f32), a.new_empty(n_col, **f32)
+    return a.new_empty((), **f32), a.new_empty(2, a.shape[0], **f32), a.new_empty(2, n_col, **f32)
 
 
 @torch.library.custom_op("clap_fast::contrastive_bwd", mutates_args=())
@@ -267,8 +292,8 @@ def _bwd(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
-    lse_r: torch.Tensor,
-    lse_c: torch.Tensor,
+    stats_r: torch.Tensor,
+    stats_c: torch.Tensor,
     offset: int,
     symmetric: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,9 +305,10 @@ def _bwd(
     cfg = _settings(a, D)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     weight = 1.0 / (2 * n) if symmetric else 1.0 / n
-    lse_c_arg = lse_c if symmetric else lse_r  # never read unless SYMMETRIC
+    stats_c = stats_c if symmetric else stats_r  # never read unless SYMMETRIC
     _bwd_kernel[grid](
-        a, b, scale, grad.float().contiguous(), lse_r, lse_c_arg, ga, gb, n, N, D, offset, weight,
+        a, b, scale, grad.float().contiguous(), stats_r[0], stats_r[1], stats_c[0], stats_c[1],
+        ga, gb, n, N, D, offset, weight,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), ga.stride(0), gb.stride(0),
         SYMMETRIC=symmetric, **cfg,
     )  # fmt: skip
@@ -292,20 +318,20 @@ def _bwd(
 
 
 @_bwd.register_fake
-def _bwd_fake(grad, a, b, scale, lse_r, lse_c, offset, symmetric):
+def _bwd_fake(grad, a, b, scale, stats_r, stats_c, offset, symmetric):
     return torch.empty_like(a), torch.empty_like(b), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
     a, b, scale, offset, symmetric = inputs
-    _, lse_r, lse_c = output
-    ctx.save_for_backward(a, b, scale, lse_r, lse_c)
+    _, stats_r, stats_c = output
+    ctx.save_for_backward(a, b, scale, stats_r, stats_c)
     ctx.offset, ctx.symmetric = offset, symmetric
 
 
-def _backward(ctx, grad_loss, _grad_lse_r, _grad_lse_c):
-    a, b, scale, lse_r, lse_c = ctx.saved_tensors
-    da, db, dscale = _bwd(grad_loss, a, b, scale, lse_r, lse_c, ctx.offset, ctx.symmetric)
+def _backward(ctx, grad_loss, _grad_stats_r, _grad_stats_c):
+    a, b, scale, stats_r, stats_c = ctx.saved_tensors
+    da, db, dscale = _bwd(grad_loss, a, b, scale, stats_r, stats_c, ctx.offset, ctx.symmetric)
     return da, db, dscale, None, None
 
 

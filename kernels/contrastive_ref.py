@@ -20,7 +20,11 @@ The symmetric variant (n == N, single process) averages both directions of one s
 How. Rows are processed in blocks of ``block_rows(N)`` rows, so the largest temporary is one
 (rows, N) fp32 block (at most 2^22 elements = 16 MiB). When a gradient is needed, the forward
 pass computes it in the same sweep (the block's softmax is at hand) and keeps only dA, dB, ds:
-memory O((n + N) d) plus one block, and the same three matmuls as the naive loss. The symmetric
+memory O((n + N) d) plus one block, and the same three matmuls as the naive loss.
+Per row the loss is formed from the running max m, the target logit x_t and the off-target sum
+r = sum_{j != t} exp(x_j - m) (log1p(r / exp(x_t - m)) when x_t is near the max), so a tiny
+loss keeps its relative precision instead of cancelling in ``lse - x_t``; likewise the target
+entry of G is -r / (exp(x_t - m) + r), not P_t - 1. The symmetric
 variant needs the column log-sum-exp before any gradient, so it sweeps twice (three matmuls for
 both directions, where two naive directions cost six).
 
@@ -57,6 +61,16 @@ def _check(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, offset: int) -
         raise ValueError(f"offset {offset} + n {a.shape[0]} exceeds N {b.shape[0]}")
 
 
+def _finish(m: torch.Tensor, x_t: torch.Tensor, r: torch.Tensor):
+    """Per-row loss, lse and q = 1 - P[i, t_i] from the row max m, target logit x_t and
+    r = sum_{j != t} exp(x_j - m), without the cancellation of ``lse - x_t`` for tiny losses."""
+    e_t = torch.exp(x_t - m)
+    z = e_t + r
+    gap = m - x_t
+    loss = torch.where(gap > 1, gap + torch.log(z), torch.log1p(r / e_t))
+    return loss, m + torch.log(z), r / z
+
+
 def _sweep(
     a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, offset: int, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -72,12 +86,18 @@ def _sweep(
     for r0 in range(0, n, bm):
         r1 = min(n, r0 + bm)
         rows = torch.arange(r1 - r0, device=a.device)
+        cols = offset + r0 + rows
         blk = torch.mm(a[r0:r1], b.T).mul_(s)  # (rows, N) fp32: the one block
-        lse = torch.logsumexp(blk, dim=1)
-        total = total + (lse.sum() - blk[rows, offset + r0 + rows].sum())
+        x_t = blk[rows, cols]
+        m = blk.amax(dim=1)
+        e = blk.sub_(m[:, None]).exp_()  # in place
+        e[rows, cols] = 0.0
+        r = e.sum(dim=1)
+        loss, _, q = _finish(m, x_t, r)
+        total = total + loss.sum()
         if with_grad:
-            g = blk.sub_(lse[:, None]).exp_()  # softmax, in place
-            g[rows, offset + r0 + rows] -= 1.0
+            g = e.div_((torch.exp(x_t - m) + r)[:, None])  # softmax off the target
+            g[rows, cols] = -q  # P_t - 1, exactly
             torch.mm(g, b, out=ga[r0:r1])
             gb.addmm_(g.T, a[r0:r1])
     if not with_grad:
@@ -89,20 +109,31 @@ def _sweep(
 def _sweep_symmetric(
     a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Both directions of a square problem. a, b (n, d) fp32 -> loss, dA, dB, ds (as ``_sweep``)."""
+    """Both directions of a square problem. a, b (n, d) fp32 -> loss, dA, dB, ds (as ``_sweep``).
+
+    Column statistics (running max and off-diagonal sum) are merged online across row blocks.
+    """
     n = a.shape[0]
     bm = block_rows(n)
-    row_lse = a.new_empty(n)
-    col_lse = a.new_full((n,), float("-inf"))
-    diag = a.new_empty(n)
+    row_m, row_r, diag = a.new_empty(n), a.new_empty(n), a.new_empty(n)
+    col_m, col_r = a.new_full((n,), float("-inf")), a.new_zeros(n)
     for r0 in range(0, n, bm):
         r1 = min(n, r0 + bm)
         rows = torch.arange(r1 - r0, device=a.device)
         blk = torch.mm(a[r0:r1], b.T).mul_(s)
-        row_lse[r0:r1] = torch.logsumexp(blk, dim=1)
-        torch.logaddexp(col_lse, torch.logsumexp(blk, dim=0), out=col_lse)
         diag[r0:r1] = blk[rows, r0 + rows]
-    loss = ((row_lse - diag).sum() + (col_lse - diag).sum()) / (2 * n)
+        m_new = torch.maximum(col_m, blk.amax(dim=0))
+        e = torch.sub(blk, m_new[None, :]).exp_()
+        e[rows, r0 + rows] = 0.0
+        col_r.mul_(torch.exp(col_m - m_new)).add_(e.sum(dim=0))
+        col_m = m_new
+        row_m[r0:r1] = blk.amax(dim=1)
+        e = torch.sub(blk, row_m[r0:r1, None], out=e).exp_()
+        e[rows, r0 + rows] = 0.0
+        row_r[r0:r1] = e.sum(dim=1)
+    loss_r, lse_r, q_r = _finish(row_m, diag, row_r)
+    loss_c, lse_c, q_c = _finish(col_m, diag, col_r)
+    loss = (loss_r.sum() + loss_c.sum()) / (2 * n)
     if not with_grad:
         return loss, None, None, None
     ga = torch.empty_like(a)
@@ -111,9 +142,9 @@ def _sweep_symmetric(
         r1 = min(n, r0 + bm)
         rows = torch.arange(r1 - r0, device=a.device)
         blk = torch.mm(a[r0:r1], b.T).mul_(s)
-        g = torch.sub(blk, col_lse[None, :]).exp_()  # column softmax
-        g += blk.sub_(row_lse[r0:r1, None]).exp_()  # + row softmax
-        g[rows, r0 + rows] -= 2.0
+        g = torch.sub(blk, lse_c[None, :]).exp_()  # column softmax
+        g += blk.sub_(lse_r[r0:r1, None]).exp_()  # + row softmax
+        g[rows, r0 + rows] = -(q_r[r0:r1] + q_c[r0:r1])  # both (P_t - 1), exactly
         torch.mm(g, b, out=ga[r0:r1])
         gb.addmm_(g.T, a[r0:r1])
     ds = (ga * a).sum() / (2 * n)
