@@ -1,0 +1,232 @@
+"""The inference API, mixed into ``CLAP``: embed audio and text, classify zero-shot.
+
+All ``embed_*`` methods run in inference mode, in batches, and return L2-normalised float32
+CPU tensors of shape (N, 512) (``normalize=False`` for the raw projections).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from clap_fast import ops
+from clap_fast.audio import as_waveform_list, load_audio, prepare_batch, resample
+
+__all__ = ["InferenceMixin", "DEFAULT_TEMPLATE"]
+
+log = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = "This is a sound of {}."
+
+
+def _chunks(n: int, size: int) -> Iterator[range]:
+    for s in range(0, n, size):
+        yield range(s, min(n, s + size))
+
+
+class InferenceMixin:
+    """Methods users call on a CLAP model (see DESIGN.md, "Public API")."""
+
+    # ------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs):
+        """Load LAION ``.pt``, HF ClapModel (dir / safetensors), open_clip, or our own format.
+
+        The architecture is detected from the weights. A bare released name
+        (e.g. "630k-audioset-best") is fetched through huggingface_hub into its cache.
+        See ``clap_fast.checkpoint.load_pretrained`` for the keyword arguments.
+        """
+        from clap_fast.checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (our format)."""
+        from clap_fast.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @property
+    def device(self) -> torch.device:
+        return ops.device_of(self)
+
+    # --------------------------------------------------------------- audio
+    def embed_audio(
+        self,
+        waveforms: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
+        sample_rate: int = 48000,
+        *,
+        batch_size: int = 32,
+        long_audio: str | None = None,
+        data_filling: str = "repeatpad",
+        generator: torch.Generator | None = None,
+        normalize: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
+
+        Args:
+            sample_rate: rate of the input; other rates than the model's are resampled.
+            batch_size: clips per forward pass (windows of long clips count individually).
+            long_audio: sliding (default) | first | rand_trunc; fusion models use fusion.
+            data_filling: repeatpad (default) | repeat | pad, for clips shorter than 10 s.
+            generator: makes rand_trunc / fusion crops random (LAION) and reproducible.
+        """
+        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        cfg = self.cfg.audio
+        clips = [resample(c, int(sample_rate), cfg.sample_rate) for c in as_waveform_list(waveforms)]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = torch.empty(len(clips), self.cfg.joint_embed_shape)
+        bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
+        with torch.inference_mode():
+            for idx in _chunks(len(clips), batch_size):
+                out[idx.start : idx.stop] = self._embed_clips(
+                    [clips[i] for i in idx], long_audio, data_filling, generator, normalize, batch_size
+                )
+                bar.update(len(idx))
+        bar.close()
+        return out
+
+    def _embed_clips(self, clips, long_audio, data_filling, generator, normalize, batch_size) -> torch.Tensor:
+        dev = self.device
+        batch = prepare_batch(
+            clips, self.cfg.audio, fusion=self.cfg.enable_fusion, data_filling=data_filling,
+            long_audio=long_audio, generator=generator, device=dev,
+        )  # fmt: skip
+        if batch.waveform is not None:
+            feats = torch.cat(
+                [self.encode_audio(batch.waveform[r.start : r.stop]) for r in _chunks(len(batch.waveform), batch_size)]
+            )
+        else:
+            feats = self.encode_audio(mel_fusion=batch.mel_fusion, longer=batch.longer)
+        feats = feats.float().cpu()
+        if len(feats) != len(clips):  # several windows per clip: mean of normalised windows
+            pooled = torch.zeros(len(clips), feats.shape[1]).index_add_(0, batch.owner, F.normalize(feats, dim=-1))
+            feats = pooled / torch.bincount(batch.owner, minlength=len(clips))[:, None]
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def embed_audio_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        strict: bool = False,
+        progress: bool = True,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Embeddings (N, 512) of audio files, row i for paths[i].
+
+        Files are decoded with soundfile (wav / flac / ogg), downmixed by mean and resampled to
+        48 kHz in ``num_workers`` threads. A file that cannot be decoded is logged by name and
+        counted; its row is NaN (``strict=True`` raises instead). ``self.last_failures`` holds
+        {path: reason} of the last call. Other keyword arguments go to ``embed_audio``.
+        """
+        paths = [str(p) for p in paths]
+        if not paths:
+            raise ValueError("no audio files given")
+        sr = self.cfg.audio.sample_rate
+        out = torch.full((len(paths), self.cfg.joint_embed_shape), float("nan"))
+        failures: dict[str, str] = {}
+
+        def decode(p: str):
+            try:
+                return load_audio(p, sr)
+            except Exception as exc:  # any decoding problem is reported by name, never dropped
+                if strict:
+                    raise ValueError(f"cannot decode {p}: {exc}") from exc
+                return exc
+
+        bar = tqdm(total=len(paths), desc="embed files", unit="file", disable=not progress)
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            for idx in _chunks(len(paths), batch_size):
+                decoded = list(pool.map(decode, [paths[i] for i in idx]))
+                ok = [i for i, d in zip(idx, decoded) if isinstance(d, torch.Tensor)]
+                for i, d in zip(idx, decoded):
+                    if not isinstance(d, torch.Tensor):
+                        failures[paths[i]] = f"{type(d).__name__}: {d}"
+                        log.warning("could not decode %s: %s", paths[i], d)
+                if ok:
+                    clips = [d for d in decoded if isinstance(d, torch.Tensor)]
+                    out[ok] = self.embed_audio(clips, sr, batch_size=batch_size, **kwargs)
+                bar.update(len(idx))
+        bar.close()
+        if failures:
+            log.warning("%d of %d files could not be decoded; their rows are NaN", len(failures), len(paths))
+        self.last_failures = failures
+        return out
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The text tower's tokenizer: {"input_ids", "attention_mask"}, (B, context_length)."""
+        from clap_fast.text import get_tokenizer
+
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings")
+        return get_tokenizer(self.cfg.text)(texts)
+
+    def embed_text(self, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings (B, 512); needs the tower's tokenizer (see ``embed_text_tokens``)."""
+        tok = self.tokenize(texts)
+        return self.embed_text_tokens(tok["input_ids"], tok["attention_mask"], batch_size=batch_size, normalize=normalize)
+
+    def embed_text_tokens(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        batch_size: int = 256,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Text embeddings (B, 512) from (B, L) token ids (and mask); no tokenizer needed."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        dev = self.device
+        outs = []
+        with torch.inference_mode():
+            for r in _chunks(len(input_ids), batch_size):
+                mask = attention_mask[r.start : r.stop].to(dev) if attention_mask is not None else None
+                outs.append(self.encode_text(input_ids[r.start : r.stop].to(dev).long(), mask).float().cpu())
+        feats = torch.cat(outs)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ----------------------------------------------------------- zero-shot
+    def zero_shot(
+        self,
+        audio_embeddings: torch.Tensor,
+        labels: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+        *,
+        text_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class probabilities (B, C): softmax over labels of exp(logit_scale_a) · a · tᵀ.
+
+        ``text_embeddings`` (C, 512) skips the tokenizer (e.g. from ``embed_text_tokens``).
+        """
+        if not labels:
+            raise ValueError("no labels given")
+        if "{}" not in template:
+            raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
+        a = torch.as_tensor(audio_embeddings).float().cpu()
+        if a.ndim != 2 or a.shape[1] != self.cfg.joint_embed_shape:
+            raise ValueError(f"audio_embeddings must be (B, {self.cfg.joint_embed_shape}), got {tuple(a.shape)}")
+        t = text_embeddings if text_embeddings is not None else self.embed_text([template.format(x) for x in labels])
+        if t.shape[0] != len(labels):
+            raise ValueError(f"{t.shape[0]} text embeddings for {len(labels)} labels")
+        scale = self.logit_scale_a.detach().float().cpu().exp()
+        return torch.softmax(scale * a @ t.float().cpu().T, dim=-1)
