@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from clap_fast.config import CLAPConfig, HTSATConfig, get_config
-from clap_fast.model import CLAP
+from clap_fast.model import CLAP, no_init
 
 __all__ = [
     "RELEASED",
@@ -329,7 +329,11 @@ def load_pretrained(
             cfg.text.hf[k] = hf_text[k]
     for k, v in (text_overrides or {}).items():
         setattr(cfg.text, k, v)
-    model = CLAP(cfg)
+    if info["format"] == "hf":
+        model = CLAP(cfg)  # HF lacks some keys: they keep a proper random init
+    else:
+        with no_init():  # every parameter is about to be overwritten
+            model = CLAP(cfg)
     filled = load_into(model, sd, fill_missing=HF_FILLED if info["format"] == "hf" else ())
     if filled:
         log.info("%s: %d keys absent from the checkpoint kept the model's values (%s …)", path, len(filled), filled[0])

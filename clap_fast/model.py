@@ -8,7 +8,9 @@ with ``load_state_dict(strict=True)``. One deliberate difference: ``logit_scale_
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,37 @@ from clap_fast.htsat import HTSAT
 from clap_fast.pann import PANN
 from clap_fast.text import CLIPTransformer, build_hf_tower, hf_tower_forward, hf_tower_width
 
-__all__ = ["CLAP", "MLPLayers"]
+__all__ = ["CLAP", "MLPLayers", "no_init"]
 
 # Buffers some transformers versions keep in RoBERTa/BERT state dicts and others do not.
 _OPTIONAL_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+_INIT_FNS = (
+    "normal_", "trunc_normal_", "uniform_", "xavier_uniform_", "kaiming_uniform_",
+    "zeros_", "ones_", "constant_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Build modules without random initialisation (their weights are about to be loaded).
+
+    Saves most of the construction time of a large model (RoBERTa-base's init alone takes
+    seconds on a CPU). Parameters hold uninitialised memory until loaded: use only when every
+    parameter comes from a checkpoint.
+    """
+    from transformers.modeling_utils import no_init_weights
+
+    saved = {name: getattr(nn.init, name) for name in _INIT_FNS}
+    for name in _INIT_FNS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 class MLPLayers(nn.Module):

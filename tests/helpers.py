@@ -1,0 +1,48 @@
+"""Shared test helpers: small models and real-ish signals (never zeros)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import clap_fast
+
+SMALL_ROBERTA = {"hf": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}}
+SMALL_CLIP_TEXT = {"width": 32, "layers": 1, "heads": 2}
+
+
+def small_model(name: str = "HTSAT-mini", text: str = "roberta", **kwargs) -> clap_fast.CLAP:
+    overrides = SMALL_ROBERTA if text == "roberta" else SMALL_CLIP_TEXT
+    return clap_fast.create_model(name, text=text, text_overrides=overrides, **kwargs)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm non-trivial running statistics (eval mode uses them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def signals(n: int, length: int = 480000, sr: int = 48000, seed: int = 0) -> torch.Tensor:
+    """(n, length) float32: tone + harmonics + noise mixes, a chirp, speech-like bursts."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(length, dtype=torch.float64) / sr
+    out = []
+    for i in range(n):
+        kind = i % 3
+        f0 = 110.0 * (1 + i)
+        if kind == 0:
+            x = sum(0.3 / k * torch.sin(2 * math.pi * f0 * k * t) for k in range(1, 5))
+            x = x + 0.01 * torch.randn(length, generator=g, dtype=torch.float64)
+        elif kind == 1:
+            phase = 2 * math.pi * (200 * t + 0.5 * (8000 - 200) * t**2 / max(t[-1].item(), 1e-3))
+            x = 0.4 * torch.sin(phase) + 0.02 * torch.randn(length, generator=g, dtype=torch.float64)
+        else:
+            env = (torch.sin(2 * math.pi * 3 * t) > 0).double() * 0.9 + 0.1
+            x = env * 0.3 * torch.randn(length, generator=g, dtype=torch.float64)
+        out.append(x.float())
+    return torch.stack(out)
