@@ -63,7 +63,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1) ** 2, num_heads)
         )
-        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.register_buffer("relative_position_index", relative_position_index(window_size).clone())
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)

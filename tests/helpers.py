@@ -8,7 +8,8 @@ import torch
 
 import clap_fast
 
-SMALL_ROBERTA = {"hf": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}}
+# head dim 64, as in every released tower: LAION checkpoints carry no head count, so it is derived.
+SMALL_ROBERTA = {"hf": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 128}}
 SMALL_CLIP_TEXT = {"width": 32, "layers": 1, "heads": 2}
 
 

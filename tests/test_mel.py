@@ -254,6 +254,21 @@ def test_kernel_strided_input_and_small_bank(banks):
     assert_close_db(out, ref, wave, fb, power_rtol=1e-5)
 
 
+def test_kernel_dc_and_nyquist_bins():
+    """The Nyquist bin is packed into column 0 of the -sin half: check DC, Nyquist, bin 1 and the
+    total separately (the 50 Hz - 14 kHz banks put zero weight on both ends)."""
+    n_bins = N_FFT // 2 + 1
+    fb = torch.zeros(n_bins, 4)
+    fb[0, 0] = fb[n_bins - 1, 1] = fb[1, 2] = 1.0
+    fb[:, 3] = 1.0
+    t = torch.arange(5000)
+    nyquist = torch.where(t % 2 == 0, 1.0, -1.0)
+    wave = torch.stack([0.3 + 0.1 * nyquist, 0.5 * nyquist - 0.2, signal(1, 5000)[0]])
+    out = mel.log_mel(wave, fb)
+    ref = mel_ref.log_mel(wave.double(), fb.double())
+    assert_close_db(out, ref, wave, fb, db_tol=1e-4)
+
+
 def test_kernel_fast_mode_within_budget(banks):
     """precision="fast" <= 0.05 dB (the interpreter runs it in fp32; real TF32 only on a GPU)."""
     wave = signal(3, SR // 2)

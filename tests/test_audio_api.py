@@ -1,0 +1,187 @@
+"""Preprocessing, long-audio policies, the inference API and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from clap_fast.audio import fill, int16_round_trip, prepare_batch
+from clap_fast.config import get_config
+from clap_fast.frontend import fusion_views, htk_mel_fb, slaney_mel_fb
+from tests.helpers import signals, small_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def test_int16_round_trip_matches_laion():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 1e-5, 0.3333, 0.99999, 1.0, 3.0])
+    expect = (np.clip(x.numpy(), -1, 1) * 32767.0).astype(np.int16) / 32767.0
+    torch.testing.assert_close(int16_round_trip(x), torch.from_numpy(expect.astype(np.float32)))
+
+
+def test_fill_policies():
+    x = torch.arange(1, 4, dtype=torch.float32)
+    assert fill(x, 10, "repeatpad").tolist() == [1, 2, 3, 1, 2, 3, 1, 2, 3, 0]
+    assert fill(x, 10, "repeat").tolist() == [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
+    assert fill(x, 10, "pad").tolist() == [1, 2, 3, 0, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="filling"):
+        fill(x, 10, "mirror")
+
+
+def test_slaney_filterbank_equals_librosa():
+    librosa = pytest.importorskip("librosa")
+    ref = librosa.filters.mel(sr=48000, n_fft=1024, n_mels=64, fmin=50, fmax=14000).T
+    torch.testing.assert_close(slaney_mel_fb(), torch.from_numpy(ref), rtol=1e-5, atol=1e-8)
+
+
+def test_htk_filterbank_equals_torchaudio():
+    ta = pytest.importorskip("torchaudio")
+    ref = ta.functional.melscale_fbanks(513, 50.0, 14000.0, 64, 48000, norm=None, mel_scale="htk")
+    # torchaudio builds its bank in float32 (errors ~6e-6 on weights of ~1); ours in float64.
+    torch.testing.assert_close(htk_mel_fb(), ref, rtol=0, atol=1e-5)
+
+
+def test_log_mel_equals_laion_conv_stft(model):
+    """Our FFT front end equals LAION's STFT-as-conv weights (kept in the checkpoint) + melW."""
+    x = signals(2, 48000 * 2)
+    ours = model.audio_branch.log_mel(x)[:, 0]
+    se = model.audio_branch.spectrogram_extractor.stft
+    padded = torch.nn.functional.pad(x[:, None], (512, 512), mode="reflect")
+    re = torch.nn.functional.conv1d(padded, se.conv_real.weight, stride=480)
+    im = torch.nn.functional.conv1d(padded, se.conv_imag.weight, stride=480)
+    mel = (re**2 + im**2).transpose(1, 2) @ model.audio_branch.logmel_extractor.melW
+    ref = 10 * torch.log10(mel.clamp(min=1e-10))
+    peak = ref.amax(dim=(1, 2), keepdim=True)
+    near = ref > peak - 50
+    assert (ours - ref).abs()[near].max() <= 1e-3
+
+
+def test_fusion_resize_matches_torchvision():
+    tv = pytest.importorskip("torchvision")
+    mel = torch.randn(2500, 64)
+    views, longer = fusion_views(mel, 1001)
+    ref = tv.transforms.Resize(size=[1001, 64])(mel[None])[0]  # laion_clap's call, today's default
+    assert longer
+    torch.testing.assert_close(views[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_longer_boundary():
+    """A clip counts as longer only above 480 479 samples (LAION: more frames than a view)."""
+    cfg = get_config("HTSAT-tiny", enable_fusion=True).audio
+    clips = list(signals(1, 480479)) + list(signals(1, 480480)) + list(signals(1, 20000))
+    batch = prepare_batch(clips, cfg, fusion=True)
+    assert batch.longer.tolist() == [False, True, False]
+    assert batch.mel_fusion.shape == (3, 4, 1001, 64)
+    assert torch.equal(batch.mel_fusion[0, 0], batch.mel_fusion[0, 3])
+
+
+def test_long_policies_and_seeded_randomness():
+    cfg = get_config("HTSAT-mini").audio
+    long = list(signals(1, 480000 * 2 + 1000))
+    assert prepare_batch(long, cfg, fusion=False).waveform.shape[0] == 3  # 0, 480000, end-aligned
+    assert prepare_batch(long, cfg, fusion=False, long_audio="first").waveform.shape[0] == 1
+    a = prepare_batch(long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3))
+    b = prepare_batch(long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.waveform, b.waveform)
+    fcfg = get_config("HTSAT-tiny", enable_fusion=True).audio
+    c = prepare_batch(long, fcfg, fusion=True, generator=torch.Generator().manual_seed(5))
+    d = prepare_batch(long, fcfg, fusion=True, generator=torch.Generator().manual_seed(5))
+    e = prepare_batch(long, fcfg, fusion=True)  # deterministic centred crops
+    assert torch.equal(c.mel_fusion, d.mel_fusion)
+    assert torch.equal(e.mel_fusion, prepare_batch(long, fcfg, fusion=True).mel_fusion)
+    with pytest.raises(ValueError, match="only they"):
+        prepare_batch(long, cfg, fusion=False, long_audio="fusion")
+    with pytest.raises(ValueError, match="long-audio policy"):
+        prepare_batch(long, cfg, fusion=False, long_audio="middle")
+
+
+def test_embed_audio_is_deterministic_batch_invariant_and_normalised(model):
+    x = signals(3, 480000)
+    a = model.embed_audio(x, batch_size=3)
+    b = torch.cat([model.embed_audio(x[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(model.embed_audio(list(x.numpy())), a)
+
+
+def test_sliding_window_embedding_is_the_mean_of_windows(model):
+    x = signals(1, 480000 * 2)[0]
+    whole = model.embed_audio([x])
+    parts = model.embed_audio([x[:480000], x[480000:]])
+    expect = torch.nn.functional.normalize(parts.mean(dim=0, keepdim=True), dim=-1)
+    torch.testing.assert_close(whole, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_resampling_and_int16_input(model):
+    x = signals(1, 44100 * 2, sr=44100)
+    assert model.embed_audio(x, sample_rate=44100).shape == (1, 512)
+    pcm = (x * 32767).to(torch.int16)
+    torch.testing.assert_close(model.embed_audio(pcm, 44100), model.embed_audio(x, 44100), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.full((1, 1000), float("nan")), "NaN"),
+        (torch.tensor([[0.0, float("inf")] * 100]), "infinite"),
+        (torch.zeros(1, 0), "empty"),
+        ([np.zeros(0, dtype=np.float32)], "empty"),
+        (torch.zeros(2, 3, 100), "batch, samples"),
+        (torch.zeros(100), "batch, samples"),
+        (torch.zeros(1, 100, dtype=torch.int32), "dtype"),
+        ([], "empty batch"),
+        ("a.wav", "array"),
+    ],
+)
+def test_bad_audio_input_raises_value_error(model, bad, match):
+    with pytest.raises(ValueError, match=match):
+        model.embed_audio(bad)
+
+
+def test_bad_sample_rate_and_missing_resampler(model, monkeypatch):
+    with pytest.raises(ValueError, match="sample_rate"):
+        model.embed_audio(torch.randn(1, 1000) * 0.1, sample_rate=0)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchaudio.functional", None)
+    with pytest.raises(ValueError, match="torchaudio"):
+        model.embed_audio(torch.randn(1, 1000) * 0.1, sample_rate=22050)
+
+
+def test_bad_text_input(model):
+    with pytest.raises(ValueError, match="integer"):
+        model.embed_text_tokens(torch.zeros(2, 77))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.embed_text_tokens(torch.zeros(2, 77, dtype=torch.long), torch.ones(2, 70))
+    with pytest.raises(ValueError, match="strings"):
+        model.embed_text([])
+
+
+def test_embed_audio_files_reports_undecodable(model, tmp_path):
+    x = signals(2, 48000 * 2).numpy()
+    sf.write(tmp_path / "a.flac", x[0], 48000)
+    sf.write(tmp_path / "b.wav", np.stack([x[1], x[1]], axis=1), 44100)  # stereo, 44.1 kHz
+    (tmp_path / "bad.flac").write_bytes(b"not audio at all")
+    paths = [tmp_path / "a.flac", tmp_path / "bad.flac", tmp_path / "b.wav"]
+    emb = model.embed_audio_files(paths, batch_size=2, progress=False)
+    assert emb.shape == (3, 512)
+    assert torch.isnan(emb[1]).all() and torch.isfinite(emb[[0, 2]]).all()
+    assert list(model.last_failures) == [str(tmp_path / "bad.flac")]
+    torch.testing.assert_close(emb[0:1], model.embed_audio(x[:1]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="bad.flac"):
+        model.embed_audio_files(paths, strict=True, progress=False)
+
+
+def test_zero_shot_probabilities(model):
+    a = model.embed_audio(signals(2, 480000))
+    t = torch.nn.functional.normalize(torch.randn(3, 512), dim=-1)
+    p = model.zero_shot(a, ["dog", "rain", "car"], text_embeddings=t)
+    assert p.shape == (2, 3)
+    torch.testing.assert_close(p.sum(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError, match="template"):
+        model.zero_shot(a, ["dog"], template="no placeholder", text_embeddings=t[:1])
