@@ -1,0 +1,449 @@
+"""Training data: LAION's webdataset tars decoded into fixed-shape batches, robust to bad data.
+
+Layout (LAION's): ``<datasetpath>/<name>/<split>/N.tar`` next to ``sizes.json``
+(``{"N.tar": samples}``). ``datasetpath`` may be a ``pipe:<command> <prefix>`` URL: the shard
+path is appended to the command and its stdout is read (``pipe:aws s3 cp s3://bucket``).
+Samples are consecutive tar members sharing a key (the name up to the first dot of its
+basename, folder prefix included, as webdataset does): an audio member (flac / wav / ogg / mp3,
+decoded with soundfile) and a ``json`` with ``"text"`` (a caption or a list of them).
+
+Pipeline, per rank and data-loader worker (all in the worker process):
+shard list shuffled with (seed, epoch) → split by rank, then by worker (or, ``resampled``,
+drawn with replacement) → tar stream → samples → shuffle buffer → decode (channel 0, int16
+round trip, crop / pad to ``clip_samples``, or the 4 fusion mel views) and tokenise → batches.
+The log-mel of non-fusion models is computed in the train step on the accelerator.
+
+Bad data never crashes a run and is never silent: each problem is counted by reason
+(``SKIP_REASONS``) with its shard and member, and the counts travel back to the training
+process inside each batch (``batch["stats"]``, the delta since the previous batch) and in a
+final stats-only item at the end of each worker's epoch (``{"stats": ..., "final": True}``).
+``SkipStats`` adds them up for the end-of-epoch report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clap_fast.audio import fill, int16_round_trip, resample
+from clap_fast.config import AudioConfig, TextConfig
+
+__all__ = [
+    "SKIP_REASONS",
+    "AUDIO_EXTS",
+    "SkipStats",
+    "split_urls",
+    "split_exists",
+    "read_tar_samples",
+    "WebAudioDataset",
+    "make_loader",
+]
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "truncated_tar",  # the tar ends inside a member or without its end-of-archive marker
+    "unreadable_tar",  # the shard cannot be opened at all
+    "bad_json",  # the json member does not parse
+    "missing_text",  # no json member, or a json without "text"
+    "missing_audio",  # no audio member
+    "undecodable_audio",  # soundfile cannot decode the audio member, or it is empty / not finite
+)
+AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_BLOCK = 512
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped items by reason, with (reason, shard, member) details."""
+
+    counts: Counter = field(default_factory=Counter)
+    details: list[tuple[str, str, str]] = field(default_factory=list)
+    clips: int = 0
+    """Samples successfully decoded."""
+    busy_s: float = 0.0
+    """Seconds the producer spent reading and decoding."""
+
+    def add(self, reason: str, shard: str, member: str) -> None:
+        self.counts[reason] += 1
+        self.details.append((reason, shard, member))
+
+    def merge(self, other: dict[str, Any] | SkipStats) -> None:
+        d = other.to_dict() if isinstance(other, SkipStats) else other
+        self.counts.update(d["counts"])
+        self.details.extend(tuple(x) for x in d["details"])
+        self.clips += d["clips"]
+        self.busy_s += d["busy_s"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counts": dict(self.counts),
+            "details": [list(x) for x in self.details],
+            "clips": self.clips,
+            "busy_s": self.busy_s,
+        }
+
+    def take(self) -> dict[str, Any]:
+        """The counts so far as a dict, then reset (the per-batch side channel)."""
+        d = self.to_dict()
+        self.counts, self.details, self.clips, self.busy_s = Counter(), [], 0, 0.0
+        return d
+
+
+# ------------------------------------------------------------------- shard lists
+def _read_bytes(url: str) -> bytes:
+    """Bytes of a local path or of ``pipe:<command>``'s stdout."""
+    if url.startswith("pipe:"):
+        return subprocess.run(url[5:], shell=True, check=True, capture_output=True).stdout
+    with open(url, "rb") as f:
+        return f.read()
+
+
+def _join(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.rstrip("/"), *parts])
+
+
+def _sizes(datasetpath: str, name: str, split: str) -> dict[str, int] | None:
+    try:
+        raw = _read_bytes(_join(datasetpath, name, split, "sizes.json"))
+        return {str(k): int(v) for k, v in json.loads(raw).items()}
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return None
+
+
+def split_exists(datasetpath: str, name: str, split: str) -> bool:
+    """Whether ``<datasetpath>/<name>/<split>/sizes.json`` is readable."""
+    return _sizes(datasetpath, name, split) is not None
+
+
+def split_urls(datasetpath: str, name: str, split: str) -> tuple[list[str], int]:
+    """(shard URLs in numeric order, total samples) of one split, from its ``sizes.json``."""
+    sizes = _sizes(datasetpath, name, split)
+    if sizes is None:
+        raise FileNotFoundError(f"no readable sizes.json under {_join(datasetpath, name, split)}")
+
+    def order(k: str) -> tuple[int, str]:
+        stem = k.rsplit(".", 1)[0]
+        return (int(stem), k) if stem.isdigit() else (1 << 60, k)
+
+    keys = sorted(sizes, key=order)
+    return [_join(datasetpath, name, split, k) for k in keys], sum(sizes.values())
+
+
+# ------------------------------------------------------------------ tar reading
+class _Tap(io.RawIOBase):
+    """A read-only stream that remembers its last bytes, to find the end-of-archive marker."""
+
+    def __init__(self, raw: Any, keep: int = 1 << 16) -> None:
+        self.raw, self.pos, self.keep, self.tail = raw, 0, keep, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-self.keep :]
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        start = offset - (self.pos - len(self.tail))
+        if start < 0 or start + _BLOCK > len(self.tail):
+            return None
+        return self.tail[start : start + _BLOCK]
+
+
+def _open(url: str) -> tuple[Any, subprocess.Popen | None]:
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(
+            url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        return proc.stdout, proc
+    return open(url, "rb"), None
+
+
+def read_tar_samples(url: str, stats: SkipStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) groups of consecutive members of one tar.
+
+    A tar that cannot be opened is counted as ``unreadable_tar``; one that ends inside a
+    member or without its end-of-archive marker as ``truncated_tar`` (naming the member being
+    read, or the last complete one); the samples before the break are still yielded, the
+    sample being read when it broke is dropped with the tar.
+    """
+    try:
+        raw, proc = _open(url)
+    except OSError as exc:
+        stats.add("unreadable_tar", url, f"({type(exc).__name__}: {exc})")
+        return
+    tap = _Tap(raw)
+    key, group, current, end = None, {}, "", 0
+    try:
+        with tarfile.open(fileobj=tap, mode="r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                current = m.name
+                data = tar.extractfile(m).read()
+                if len(data) != m.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
+                match = _KEY_RE.match(m.name)
+                if match is None:
+                    continue  # no extension: not part of a sample (as webdataset)
+                k, ext = match.group(1), match.group(2).lower()
+                if k != key and group:
+                    yield key, group
+                    group = {}
+                key = k
+                group[ext] = data
+                current = ""
+        if tap.block_at(end) != bytes(_BLOCK):
+            raise tarfile.ReadError("no end-of-archive marker")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        where = current or (f"after {key}" if key else "(start)")
+        stats.add("truncated_tar", url, f"{where} ({exc})")
+        return
+    finally:
+        raw.close()
+        if proc is not None:
+            proc.wait()
+    if group:
+        yield key, group
+
+
+# ----------------------------------------------------------------------- decoding
+@dataclass
+class DecodeSpec:
+    """Everything a worker needs to turn a sample into model inputs (picklable)."""
+
+    audio: AudioConfig
+    text: TextConfig
+    clip_samples: int
+    filling: str = "repeatpad"
+    truncating: str = "rand_trunc"
+    enable_fusion: bool = False
+    all_captions: bool = False
+    """Evaluation: keep every caption (else one drawn at random, as LAION trains)."""
+
+
+def _captions(meta: Any) -> list[str] | None:
+    if not isinstance(meta, dict) or "text" not in meta:
+        return None
+    text = meta["text"]
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list) else []
+    texts = [t for t in texts if isinstance(t, str) and t]
+    return texts or None
+
+
+def decode_sample(
+    key: str,
+    group: dict[str, bytes],
+    spec: DecodeSpec,
+    rng: random.Random,
+    url: str,
+    stats: SkipStats,
+) -> dict[str, Any] | None:
+    """One sample's waveform / fusion views and captions, or None (counted in ``stats``)."""
+    audio_ext = next((e for e in AUDIO_EXTS if e in group), None)
+    if "json" not in group:
+        stats.add("missing_text", url, key)
+        return None
+    try:
+        meta = json.loads(group["json"])
+    except (ValueError, UnicodeDecodeError):
+        stats.add("bad_json", url, f"{key}.json")
+        return None
+    texts = _captions(meta)
+    if texts is None:
+        stats.add("missing_text", url, f"{key}.json")
+        return None
+    if audio_ext is None:
+        stats.add("missing_audio", url, key)
+        return None
+    try:
+        data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
+        if data.shape[0] == 0 or not np.isfinite(data).all():
+            raise ValueError("empty or non-finite audio")
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
+        stats.add("undecodable_audio", url, f"{key}.{audio_ext} ({type(exc).__name__})")
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # LAION keeps channel 0
+    x = int16_round_trip(resample(x, int(sr), spec.audio.sample_rate))
+    out: dict[str, Any] = {"key": key, "seconds": x.numel() / spec.audio.sample_rate}
+    if spec.enable_fusion:
+        out["mel_fusion"], out["longer"] = _fusion_input(x, spec, rng)
+    elif x.numel() > spec.clip_samples:
+        start = rng.randrange(x.numel() - spec.clip_samples + 1)
+        out["waveform"] = x[start : start + spec.clip_samples]
+    else:
+        out["waveform"] = fill(x, spec.clip_samples, spec.filling)
+    out["texts"] = texts if spec.all_captions else [rng.choice(texts)]
+    return out
+
+
+def _fusion_input(
+    x: torch.Tensor, spec: DecodeSpec, rng: random.Random
+) -> tuple[torch.Tensor, bool]:
+    from clap_fast import ops
+    from clap_fast.frontend import fusion_views, htk_mel_fb
+
+    a = spec.audio
+    fb = htk_mel_fb(a.sample_rate, a.window_size, a.mel_bins, a.fmin, a.fmax)
+    if x.numel() <= spec.clip_samples:
+        x = fill(x, spec.clip_samples, spec.filling)
+    mel = ops.log_mel(x[None], fb, n_fft=a.window_size, hop_length=a.hop_size)[0]
+    chunk = spec.clip_samples // a.hop_size + 1
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 62))
+    return fusion_views(mel, chunk, antialias=False, generator=gen)
+
+
+# ----------------------------------------------------------------------- dataset
+def _mix(*values: int) -> int:
+    """A seed from integers, stable across processes (unlike ``hash`` of str-bearing tuples)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
+
+
+class WebAudioDataset(IterableDataset):
+    """Batches of one rank from webdataset shards (see the module docstring).
+
+    Yields ``{"waveform": (B, clip_samples) float32 | "mel_fusion": (B, 4, T, F) + "longer":
+    (B,) bool, "input_ids": (M, L) int64, "attention_mask": (M, L), "caption_owner": (M,)
+    int64, "keys": [B], "seconds": float, "stats": dict}`` and, last, ``{"stats": ...,
+    "final": True, "worker": id}``. Training draws one caption per clip (M = B).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: DecodeSpec,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.urls, self.spec, self.batch_size = list(urls), spec, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer if shuffle else 1)
+        self.resampled, self.drop_last = resampled, drop_last
+        self.epoch = 0
+        self._tokenizer = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shard order and shuffling depend on (seed, epoch) only: resumable and reproducible."""
+        self.epoch = epoch
+
+    def my_shards(self, worker: int, num_workers: int) -> list[str]:
+        """This (rank, worker)'s shards for the current epoch."""
+        if self.resampled:
+            rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 0))
+            per = max(1, len(self.urls) // (self.world_size * num_workers))
+            return [rng.choice(self.urls) for _ in range(per)]
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
+        return urls[self.rank :: self.world_size][worker::num_workers]
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        if self._tokenizer is None:
+            from clap_fast.text import get_tokenizer
+
+            self._tokenizer = get_tokenizer(self.spec.text)
+        return self._tokenizer(texts)
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [t for it in items for t in it["texts"]]
+        owner = [i for i, it in enumerate(items) for _ in it["texts"]]
+        tok = self._tokenize(texts)
+        batch: dict[str, Any] = {
+            "input_ids": tok["input_ids"],
+            "attention_mask": tok["attention_mask"],
+            "caption_owner": torch.tensor(owner, dtype=torch.int64),
+            "keys": [it["key"] for it in items],
+            "seconds": float(sum(it["seconds"] for it in items)),
+        }
+        if self.spec.enable_fusion:
+            batch["mel_fusion"] = torch.stack([it["mel_fusion"] for it in items])
+            batch["longer"] = torch.tensor([it["longer"] for it in items])
+        else:
+            batch["waveform"] = torch.stack([it["waveform"] for it in items])
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(_mix(self.seed, self.epoch, self.rank, worker, 1))
+        stats = SkipStats()
+        buffer: list[tuple[str, str, dict[str, bytes]]] = []
+        pending: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+
+        def emit_ready() -> Iterator[dict[str, Any]]:
+            nonlocal t0
+            if len(pending) >= self.batch_size:
+                batch = self._collate(pending[: self.batch_size])
+                del pending[: self.batch_size]
+                stats.busy_s += time.perf_counter() - t0
+                batch["stats"] = stats.take()
+                yield batch
+                t0 = time.perf_counter()
+
+        def decode(url: str, key: str, group: dict[str, bytes]) -> None:
+            item = decode_sample(key, group, self.spec, rng, url, stats)
+            if item is not None:
+                stats.clips += 1
+                pending.append(item)
+
+        for url in self.my_shards(worker, num_workers):
+            for key, group in read_tar_samples(url, stats):
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append((url, key, group))
+                    if len(buffer) < self.shuffle_buffer:
+                        continue
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                decode(*buffer.pop())
+                yield from emit_ready()
+        rng.shuffle(buffer)
+        for entry in buffer:
+            decode(*entry)
+            yield from emit_ready()
+        if pending and not self.drop_last:
+            batch = self._collate(pending)
+            pending.clear()
+            stats.busy_s += time.perf_counter() - t0
+            batch["stats"] = stats.take()
+            yield batch
+            t0 = time.perf_counter()
+        stats.busy_s += time.perf_counter() - t0
+        dropped = len(pending)
+        yield {"stats": stats.take(), "final": True, "worker": worker, "dropped": dropped}
+
+
+def make_loader(dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader that passes the dataset's ready-made batches through unchanged."""
+    kw: dict[str, Any] = {}
+    if workers > 0:
+        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=False, **kw)
