@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="clap-fast", description="clap_fast command line")
     parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in SUBCOMMANDS.items()))
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        parser.parse_args(argv[:1] or ["--help"])
+    if not argv:
+        parser.print_usage(sys.stderr)
         return 2
+    if argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv[:1])  # prints help (exit 0) or the invalid choice (exit 2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module, func, _ = SUBCOMMANDS[argv[0]]
     return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)

@@ -1,0 +1,69 @@
+"""`clap-fast embed | zero-shot | search` end to end on generated files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from clap_fast.cli import main
+from tests.helpers import signals, small_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = small_model(text="transformer")
+    model.save_pretrained(root / "ckpt")
+    audio = root / "audio"
+    (audio / "sub").mkdir(parents=True)
+    x = signals(3, 48000).numpy()
+    sf.write(audio / "a.wav", x[0], 48000)
+    sf.write(audio / "sub" / "b.flac", x[1], 48000)
+    sf.write(audio / "c.flac", x[2], 32000)
+    return root, model
+
+
+def test_embed_npy_and_parquet(setup, capsys):
+    root, model = setup
+    assert main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "e.npy"), "--device", "cpu"]) == 0
+    emb = np.load(root / "e.npy")
+    names = (root / "e.paths.txt").read_text().splitlines()
+    assert emb.shape == (3, 512) and len(names) == 3 and names[0].endswith("a.wav")
+    np.testing.assert_allclose(emb[0], model.embed_audio_files([names[0]], progress=False)[0].numpy(), atol=1e-5)
+    pytest.importorskip("pyarrow")
+    assert main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "e.parquet")]) == 0
+
+
+def test_embed_reports_broken_files(setup):
+    root, _ = setup
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "x.wav").write_bytes(b"garbage")
+    sf.write(bad / "ok.wav", signals(1, 48000).numpy()[0], 48000)
+    assert main(["embed", str(bad), "--checkpoint", str(root / "ckpt"), "--out", str(root / "b.npy")]) == 1
+    assert np.load(root / "b.npy").shape == (1, 512)
+    assert list(json.loads((root / "b.failed.json").read_text())) == [str(bad / "x.wav")]
+
+
+def test_zero_shot_and_search(setup, capsys):
+    pytest.importorskip("open_clip")
+    root, _ = setup
+    assert main(["zero-shot", str(root / "audio"), "--labels", "dog", "rain", "--checkpoint", str(root / "ckpt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 4 and out[1].split()[1] in ("dog", "rain")
+    main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "s.npy")])
+    capsys.readouterr()
+    assert main(["search", str(root / "s.npy"), "--query", "a tone", "--top", "2", "--checkpoint", str(root / "ckpt")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_bad_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="neither"):
+        main(["embed", str(tmp_path / "missing"), "--out", str(tmp_path / "x.npy")])
+    with pytest.raises(SystemExit) as exc:
+        main(["nope"])
+    assert exc.value.code == 2
+    assert main([]) == 2
