@@ -168,7 +168,8 @@ def _log_mel_kernel(
     # 10 log10(max(mel, amin)): the clamp value is exact (floor_db = 10 log10(amin) from the
     # host, so silence is exactly -100 dB), and NaN survives (NaN < amin is False; tl.maximum
     # would drop NaN on the GPU).
-    out = tl.where(mel < amin, floor_db, _TEN_OVER_LOG2_10 * tl.log2(mel))
+    below = mel < amin
+    out = tl.where(below, floor_db, _TEN_OVER_LOG2_10 * tl.log2(tl.where(below, amin, mel)))
     if HAS_SCALE:
         out = out * tl.load(scale_ptr + offs_m, mask=mask_m, other=1.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
