@@ -44,6 +44,7 @@ __all__ = [
     "AudioEncoder",
     "FusionAudioEncoder",
     "TextEncoder",
+    "EagerReference",
     "ModelSpec",
     "load_model",
     "audio_encoder",
@@ -187,7 +188,38 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(input_ids, attention_mask).float(), dim=-1)
+        m = self.model
+        if m.text_type == "roberta":
+            # RoBERTa's own position ids are an int32 CumSum, which TensorRT's parser rejects
+            # (CumSum: float types only); the same ids from a float cumsum (exact below 2^24).
+            pad = m.text_branch.config.pad_token_id
+            keep = (input_ids != pad).float()
+            pos = (torch.cumsum(keep, dim=1) * keep).long() + pad
+            out = m.text_branch(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=pos
+            )
+            feats = m.text_projection(out["pooler_output"])
+        else:
+            feats = m.encode_text(input_ids, attention_mask)
+        return F.normalize(feats.float(), dim=-1)
+
+
+class EagerReference(nn.Module):
+    """The model's own eager path (FFT front end, bicubic resize, row selection), normalised:
+    what every export is compared with. Takes the same inputs as the tower's wrapper."""
+
+    def __init__(self, model: CLAP, tower: str) -> None:
+        super().__init__()
+        self.model, self.tower = model, tower
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.tower == "text":
+            return F.normalize(m.encode_text(*inputs).float(), dim=-1)
+        if m.cfg.enable_fusion:
+            mel, longer = inputs
+            return F.normalize(m.encode_audio(mel_fusion=mel, longer=longer).float(), dim=-1)
+        return F.normalize(m.encode_audio(inputs[0]).float(), dim=-1)
 
 
 def audio_encoder(model: CLAP) -> nn.Module:

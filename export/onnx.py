@@ -38,6 +38,7 @@ import torch
 from clap_fast import ops
 from clap_fast.model import CLAP
 from export.encoders import (
+    EagerReference,
     ModelSpec,
     TextEncoder,
     audio_encoder,
@@ -102,7 +103,7 @@ def check_opset(opset: int) -> None:
         )
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
@@ -123,7 +124,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _tower_io(
+def tower_inputs(
     model: CLAP, tower: str, batch: int, seed: int
 ) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     """Input names and real-ish example inputs of one tower at a batch size."""
@@ -136,7 +137,7 @@ def _tower_io(
     return ["waveform"], (sample_waveforms(batch, model.cfg.audio.clip_samples, seed=seed),)
 
 
-def _wrapper(model: CLAP, tower: str) -> torch.nn.Module:
+def tower_wrapper(model: CLAP, tower: str) -> torch.nn.Module:
     return TextEncoder(model).eval() if tower == "text" else audio_encoder(model)
 
 
@@ -211,7 +212,7 @@ def verify_onnx(
     threshold = COS_THRESHOLD[precision]
     report: dict[str, Any] = {"threshold_cos": threshold, "runtime": "onnxruntime CPU"}
     for b in batches:
-        names, args = _tower_io(model, tower, b, seed=100 + b)
+        names, args = tower_inputs(model, tower, b, seed=100 + b)
         with torch.no_grad():
             ref = reference(*args)
         # Graphs may drop an input their tower ignores (the CLIP-style tower's attention_mask).
@@ -261,10 +262,10 @@ def export_tower(
     precision = "fp16" if fp16 else "fp32"
     stem = stem or model.cfg.name.lower()
     path = out / f"{stem}_{tower}{'_fp16' if fp16 else ''}.onnx"
-    reference = _wrapper(model, tower)
+    reference = EagerReference(model, tower).eval()
     export_model_ = copy.deepcopy(model).half() if fp16 else model
-    module = _wrapper(export_model_, tower)
-    names, args = _tower_io(model, tower, 2, seed=0)
+    module = tower_wrapper(export_model_, tower)
+    names, args = tower_inputs(model, tower, 2, seed=0)
     log.info(
         "exporting %s %s tower (opset %d, %s) -> %s", model.cfg.name, tower, opset, precision, path
     )
@@ -290,7 +291,7 @@ def export_tower(
         "precision": precision,
         **_onnx_shapes(path),
         "input_contract": _contract(model, tower),
-        "versions": _versions(),
+        "versions": versions(),
         "trt_compat_issues": trt_issues,
         "config": model.cfg.to_dict(),
     }
