@@ -185,6 +185,42 @@ def test_ops_dispatch_forced_triton(monkeypatch):
     assert _max_err(got, want) <= 2e-5
 
 
+def _opcheck(device: str, dtype: torch.dtype) -> None:
+    """torch.library.opcheck of the forward and backward ops (schema, fake, autograd, AOT)."""
+    from kernels.window_attention import _window_attention_bwd, _window_attention_fwd
+
+    qkv = torch.randn(1, 8, 8, 3 * 48, device=device, dtype=dtype, requires_grad=True)
+    table = torch.randn(225, 2, device=device, requires_grad=True)
+    args = (2, 8, 4, 24**-0.5)
+    torch.library.opcheck(_window_attention_fwd, (qkv, table, *args))
+    out, lse = _window_attention_fwd(qkv.detach(), table.detach(), *args)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(
+        _window_attention_bwd, (grad, qkv.detach(), table.detach(), out, lse, *args)
+    )
+
+
+def test_opcheck_interpreter():
+    _opcheck("cuda" if torch.cuda.is_available() else "cpu", torch.float32)
+
+
+def test_traced_by_torch_compile():
+    """The op traces under torch.compile (aot_eager: no C++ compile) with its fake and autograd."""
+    case = (1, 8, 8, 2, 24, 8, 4)
+    qkv, table, grad = _inputs(case, torch.float32)
+
+    def f(qkv, table, num_heads, window_size, shift_size):
+        return 2.0 * window_attention(
+            qkv, table, num_heads=num_heads, window_size=window_size, shift_size=shift_size
+        )
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = _run(compiled, qkv, table, grad, case)
+    want = _run(f, qkv, table, grad, case)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 # ---------------------------------------------------------------- GPU only
 
 # HTS-AT-tiny stages at batch 8: (grid, C, heads); window 8, head dims 24 / 24 / 24 / 24.
@@ -235,8 +271,4 @@ def test_gpu_torch_compile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_opcheck(dtype):
-    from kernels.window_attention import _window_attention_fwd
-
-    qkv = torch.randn(2, 16, 16, 3 * 64, device="cuda", dtype=dtype, requires_grad=True)
-    table = torch.randn(225, 2, device="cuda", requires_grad=True)
-    torch.library.opcheck(_window_attention_fwd, (qkv, table, 2, 8, 4, 32**-0.5))
+    _opcheck("cuda", dtype)
