@@ -1,8 +1,8 @@
 """clap_fast: a performance edition of LAION CLAP.
 
-    import clap_fast
-    model = clap_fast.CLAP.from_pretrained("630k-audioset-best")
-    model = clap_fast.create_model("htsat-tiny", text="roberta")
+import clap_fast
+model = clap_fast.CLAP.from_pretrained("630k-audioset-best")
+model = clap_fast.create_model("htsat-tiny", text="roberta")
 """
 
 from __future__ import annotations

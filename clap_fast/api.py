@@ -81,7 +81,9 @@ class InferenceMixin:
         if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
         cfg = self.cfg.audio
-        clips = [resample(c, int(sample_rate), cfg.sample_rate) for c in as_waveform_list(waveforms)]
+        clips = [
+            resample(c, int(sample_rate), cfg.sample_rate) for c in as_waveform_list(waveforms)
+        ]
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
@@ -89,13 +91,20 @@ class InferenceMixin:
         with torch.inference_mode():
             for idx in _chunks(len(clips), batch_size):
                 out[idx.start : idx.stop] = self._embed_clips(
-                    [clips[i] for i in idx], long_audio, data_filling, generator, normalize, batch_size
+                    [clips[i] for i in idx],
+                    long_audio,
+                    data_filling,
+                    generator,
+                    normalize,
+                    batch_size,
                 )
                 bar.update(len(idx))
         bar.close()
         return out
 
-    def _embed_clips(self, clips, long_audio, data_filling, generator, normalize, batch_size) -> torch.Tensor:
+    def _embed_clips(
+        self, clips, long_audio, data_filling, generator, normalize, batch_size
+    ) -> torch.Tensor:
         dev = self.device
         batch = prepare_batch(
             clips, self.cfg.audio, fusion=self.cfg.enable_fusion, data_filling=data_filling,
@@ -103,13 +112,18 @@ class InferenceMixin:
         )  # fmt: skip
         if batch.waveform is not None:
             feats = torch.cat(
-                [self.encode_audio(batch.waveform[r.start : r.stop]) for r in _chunks(len(batch.waveform), batch_size)]
+                [
+                    self.encode_audio(batch.waveform[r.start : r.stop])
+                    for r in _chunks(len(batch.waveform), batch_size)
+                ]
             )
         else:
             feats = self.encode_audio(mel_fusion=batch.mel_fusion, longer=batch.longer)
         feats = feats.float().cpu()
         if len(feats) != len(clips):  # several windows per clip: mean of normalised windows
-            pooled = torch.zeros(len(clips), feats.shape[1]).index_add_(0, batch.owner, F.normalize(feats, dim=-1))
+            pooled = torch.zeros(len(clips), feats.shape[1]).index_add_(
+                0, batch.owner, F.normalize(feats, dim=-1)
+            )
             feats = pooled / torch.bincount(batch.owner, minlength=len(clips))[:, None]
         return F.normalize(feats, dim=-1) if normalize else feats
 
@@ -160,7 +174,9 @@ class InferenceMixin:
                 bar.update(len(idx))
         bar.close()
         if failures:
-            log.warning("%d of %d files could not be decoded; their rows are NaN", len(failures), len(paths))
+            log.warning(
+                "%d of %d files could not be decoded; their rows are NaN", len(failures), len(paths)
+            )
         self.last_failures = failures
         return out
 
@@ -175,10 +191,14 @@ class InferenceMixin:
             raise ValueError("texts must be a non-empty list of strings")
         return get_tokenizer(self.cfg.text)(texts)
 
-    def embed_text(self, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True) -> torch.Tensor:
+    def embed_text(
+        self, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True
+    ) -> torch.Tensor:
         """Text embeddings (B, 512); needs the tower's tokenizer (see ``embed_text_tokens``)."""
         tok = self.tokenize(texts)
-        return self.embed_text_tokens(tok["input_ids"], tok["attention_mask"], batch_size=batch_size, normalize=normalize)
+        return self.embed_text_tokens(
+            tok["input_ids"], tok["attention_mask"], batch_size=batch_size, normalize=normalize
+        )
 
     def embed_text_tokens(
         self,
@@ -191,17 +211,25 @@ class InferenceMixin:
         """Text embeddings (B, 512) from (B, L) token ids (and mask); no tokenizer needed."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+            raise ValueError(
+                f"input_ids must be a (batch, length) integer tensor, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask)
             if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
         dev = self.device
         outs = []
         with torch.inference_mode():
             for r in _chunks(len(input_ids), batch_size):
-                mask = attention_mask[r.start : r.stop].to(dev) if attention_mask is not None else None
-                outs.append(self.encode_text(input_ids[r.start : r.stop].to(dev).long(), mask).float().cpu())
+                mask = (
+                    attention_mask[r.start : r.stop].to(dev) if attention_mask is not None else None
+                )
+                outs.append(
+                    self.encode_text(input_ids[r.start : r.stop].to(dev).long(), mask).float().cpu()
+                )
         feats = torch.cat(outs)
         return F.normalize(feats, dim=-1) if normalize else feats
 
@@ -224,8 +252,14 @@ class InferenceMixin:
             raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
         a = torch.as_tensor(audio_embeddings).float().cpu()
         if a.ndim != 2 or a.shape[1] != self.cfg.joint_embed_shape:
-            raise ValueError(f"audio_embeddings must be (B, {self.cfg.joint_embed_shape}), got {tuple(a.shape)}")
-        t = text_embeddings if text_embeddings is not None else self.embed_text([template.format(x) for x in labels])
+            raise ValueError(
+                f"audio_embeddings must be (B, {self.cfg.joint_embed_shape}), got {tuple(a.shape)}"
+            )
+        t = (
+            text_embeddings
+            if text_embeddings is not None
+            else self.embed_text([template.format(x) for x in labels])
+        )
         if t.shape[0] != len(labels):
             raise ValueError(f"{t.shape[0]} text embeddings for {len(labels)} labels")
         scale = self.logit_scale_a.detach().float().cpu().exp()

@@ -66,7 +66,9 @@ def as_waveform_list(
     elif isinstance(waveforms, Sequence) and not isinstance(waveforms, (str, bytes)):
         items = list(waveforms)
     else:
-        raise ValueError(f"waveforms must be an array, a tensor or a list of them, got {type(waveforms).__name__}")
+        raise ValueError(
+            f"waveforms must be an array, a tensor or a list of them, got {type(waveforms).__name__}"
+        )
     if not items:
         raise ValueError("no waveforms given (empty batch)")
     out = []
@@ -81,7 +83,9 @@ def as_waveform_list(
         elif t.is_floating_point():
             t = t.float()
         else:
-            raise ValueError(f"waveform {i} has dtype {t.dtype}; expected float samples in [-1, 1] or int16 PCM")
+            raise ValueError(
+                f"waveform {i} has dtype {t.dtype}; expected float samples in [-1, 1] or int16 PCM"
+            )
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(f"waveform {i} contains {bad} NaN or infinite samples")
@@ -151,7 +155,9 @@ class AudioBatch:
     longer: torch.Tensor | None = None
 
 
-def _windows(x: torch.Tensor, clip: int, policy: str, generator: torch.Generator | None) -> list[torch.Tensor]:
+def _windows(
+    x: torch.Tensor, clip: int, policy: str, generator: torch.Generator | None
+) -> list[torch.Tensor]:
     n = x.shape[0]
     if policy == "sliding":
         starts = list(range(0, n - clip, clip)) + [n - clip]
@@ -160,7 +166,9 @@ def _windows(x: torch.Tensor, clip: int, policy: str, generator: torch.Generator
     elif policy == "rand_trunc":
         starts = [int(torch.randint(0, n - clip + 1, (1,), generator=generator))]
     else:
-        raise ValueError(f"long-audio policy for non-fusion models must be sliding, first or rand_trunc, got {policy!r}")
+        raise ValueError(
+            f"long-audio policy for non-fusion models must be sliding, first or rand_trunc, got {policy!r}"
+        )
     return [x[s : s + clip] for s in starts]
 
 
@@ -191,7 +199,11 @@ def prepare_batch(
     if not fusion:
         wins, owner = [], []
         for i, c in enumerate(clips):
-            parts = _windows(c, clip, long_audio, generator) if c.shape[0] > clip else [fill(c, clip, data_filling)]
+            parts = (
+                _windows(c, clip, long_audio, generator)
+                if c.shape[0] > clip
+                else [fill(c, clip, data_filling)]
+            )
             wins += parts
             owner += [i] * len(parts)
         return AudioBatch(owner=torch.tensor(owner), waveform=torch.stack(wins).to(device))

@@ -60,7 +60,12 @@ def _numpy_globals() -> list:
 
     core = np._core if hasattr(np, "_core") else np.core
     scalar = core.multiarray.scalar
-    allowed = [scalar, np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    allowed = [
+        scalar,
+        np.dtype,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+    ]
     allowed += [getattr(npd, n) for n in dir(npd) if n.endswith("DType")]
     return allowed
 
@@ -75,7 +80,9 @@ def _safe_torch_load(path: Path) -> object:
             f"tensors, containers and NumPy scalars ({str(exc).splitlines()[0][:300]})"
         ) from exc
     except (EOFError, RuntimeError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -98,7 +105,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             return from_hf_state_dict(_read_safetensors(path / "model.safetensors")), info
         files = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model.bin"))
         if not files:
-            raise CheckpointError(f"{path}: no model.safetensors / pytorch_model.bin in the directory")
+            raise CheckpointError(
+                f"{path}: no model.safetensors / pytorch_model.bin in the directory"
+            )
         path = files[0]
     if path.suffix == ".safetensors":
         sd = _read_safetensors(path)
@@ -167,13 +176,18 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
             out[k.replace(".linear1.", ".0.").replace(".linear2.", ".2.")] = v
         elif k.startswith("audio_model.audio_encoder."):
             rest = k[len("audio_model.audio_encoder.") :]
-            m = re.match(r"(layers\.\d+\.blocks\.\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$", rest)
+            m = re.match(
+                r"(layers\.\d+\.blocks\.\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$",
+                rest,
+            )
             if m:
                 qkv.setdefault(f"{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = v
                 continue
             for a, b in _HF_BLOCK:
                 rest = re.sub(rf"(layers\.\d+\.blocks\.\d+)\.{re.escape(a)}\b", rf"\1.{b}", rest)
-            rest = rest.replace("batch_norm.", "bn0.", 1) if rest.startswith("batch_norm.") else rest
+            rest = (
+                rest.replace("batch_norm.", "bn0.", 1) if rest.startswith("batch_norm.") else rest
+            )
             out["audio_branch." + rest] = v
         elif k in ("logit_scale_a", "logit_scale_t"):
             out[k] = v
@@ -182,7 +196,9 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise CheckpointError(f"HF checkpoint lacks part of {key}: has {sorted(parts)}")
-        out["audio_branch." + key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+        out["audio_branch." + key] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
     return out
 
 
@@ -194,13 +210,32 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> CLAPConfig:
         depths = []
         while any(k.startswith(f"audio_branch.layers.{len(depths)}.") for k in sd):
             i = len(depths)
-            depths.append(len({k.split(".")[4] for k in sd if k.startswith(f"audio_branch.layers.{i}.blocks.")}))
-        heads = [int(sd[f"audio_branch.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]) for i in range(len(depths))]
-        window = (int(sd["audio_branch.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0] ** 0.5) + 1) // 2
+            depths.append(
+                len(
+                    {
+                        k.split(".")[4]
+                        for k in sd
+                        if k.startswith(f"audio_branch.layers.{i}.blocks.")
+                    }
+                )
+            )
+        heads = [
+            int(sd[f"audio_branch.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+            for i in range(len(depths))
+        ]
+        window = (
+            int(
+                sd["audio_branch.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+                ** 0.5
+            )
+            + 1
+        ) // 2
         names = {96: "tiny", 128: "base", 256: "large"}
         base = f"HTSAT-{names.get(c, 'tiny')}"
         cfg = get_config(base)
-        cfg.audio.htsat = HTSATConfig(embed_dim=c, depths=depths, num_heads=heads, window_size=window)
+        cfg.audio.htsat = HTSATConfig(
+            embed_dim=c, depths=depths, num_heads=heads, window_size=window
+        )
         cfg.audio.model_name = names.get(c, f"custom-{c}")
         cfg.enable_fusion = "audio_branch.patch_embed.mel_conv2d.weight" in sd
     elif "audio_branch.conv_block1.conv1.weight" in sd:
@@ -212,7 +247,9 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> CLAPConfig:
             name = "PANN-6"
         cfg = get_config(name)
     else:
-        raise CheckpointError("cannot detect the audio tower: no HTSAT patch_embed or PANN conv_block1 weights")
+        raise CheckpointError(
+            "cannot detect the audio tower: no HTSAT patch_embed or PANN conv_block1 weights"
+        )
     if "audio_branch.head.weight" in sd:
         cfg.audio.class_num = int(sd["audio_branch.head.weight"].shape[0])
     elif "audio_branch.fc_audioset.weight" in sd:
@@ -241,7 +278,9 @@ def _detect_text(sd: Mapping[str, torch.Tensor], cfg: CLAPConfig):
         return t
     emb = sd.get("text_branch.embeddings.word_embeddings.weight")
     if emb is None:
-        raise CheckpointError("cannot detect the text tower: no token_embedding / text_branch embeddings")
+        raise CheckpointError(
+            "cannot detect the text tower: no token_embedding / text_branch embeddings"
+        )
     vocab, hidden = (int(x) for x in emb.shape)
     layers = len({k.split(".")[3] for k in sd if k.startswith("text_branch.encoder.layer.")})
     inter = int(sd["text_branch.encoder.layer.0.intermediate.dense.weight"].shape[0])
@@ -256,7 +295,9 @@ def _detect_text(sd: Mapping[str, torch.Tensor], cfg: CLAPConfig):
 
 
 # ----------------------------------------------------------------- load / save
-def load_into(model: CLAP, sd: Mapping[str, torch.Tensor], *, fill_missing: tuple[str, ...] = ()) -> list[str]:
+def load_into(
+    model: CLAP, sd: Mapping[str, torch.Tensor], *, fill_missing: tuple[str, ...] = ()
+) -> list[str]:
     """Strictly load ``sd`` into ``model``; keys matching ``fill_missing`` prefixes/substrings may
     be absent (they keep the model's values). Returns the keys that were filled.
 
@@ -275,10 +316,18 @@ def load_into(model: CLAP, sd: Mapping[str, torch.Tensor], *, fill_missing: tupl
     filled = [k for k in missing if k in optional or any(f in k for f in fill_missing)]
     missing = [k for k in missing if k not in filled]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", shapes),
+        ):
             if items:
                 more = f" … and {len(items) - 12} more" if len(items) > 12 else ""
                 parts.append(f"{len(items)} {title}: {', '.join(items[:12])}{more}")
@@ -322,7 +371,9 @@ def load_pretrained(
     if not path.exists() and str(name_or_path).removesuffix(".pt") in RELEASED:
         path = _resolve_released(str(name_or_path))
     sd, info = read_state_dict(path)
-    cfg = CLAPConfig.from_dict(info["config"]) if info.get("format") == "ours" else detect_config(sd)
+    cfg = (
+        CLAPConfig.from_dict(info["config"]) if info.get("format") == "ours" else detect_config(sd)
+    )
     hf_text = (info.get("hf_config") or {}).get("text_config") or {}
     for k in ("num_attention_heads", "layer_norm_eps"):
         if k in hf_text and cfg.text.model_type != "transformer":
@@ -336,7 +387,12 @@ def load_pretrained(
             model = CLAP(cfg)
     filled = load_into(model, sd, fill_missing=HF_FILLED if info["format"] == "hf" else ())
     if filled:
-        log.info("%s: %d keys absent from the checkpoint kept the model's values (%s …)", path, len(filled), filled[0])
+        log.info(
+            "%s: %d keys absent from the checkpoint kept the model's values (%s …)",
+            path,
+            len(filled),
+            filled[0],
+        )
     model.eval()
     return model.to(ops.resolve_device(device))
 
@@ -357,9 +413,14 @@ def to_laion_state_dict(model: CLAP) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_laion_checkpoint(model: CLAP, path: str | os.PathLike, *, epoch: int = 0, name: str | None = None) -> None:
+def save_laion_checkpoint(
+    model: CLAP, path: str | os.PathLike, *, epoch: int = 0, name: str | None = None
+) -> None:
     """A single-file LAION-format checkpoint ({epoch, name, state_dict}) that laion_clap loads."""
-    torch.save({"epoch": epoch, "name": name or model.cfg.name, "state_dict": to_laion_state_dict(model)}, path)
+    torch.save(
+        {"epoch": epoch, "name": name or model.cfg.name, "state_dict": to_laion_state_dict(model)},
+        path,
+    )
 
 
 def save_pretrained(model: CLAP, directory: str | os.PathLike) -> None:

@@ -14,18 +14,34 @@ __all__ = ["main"]
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS = {
-    "embed": ("clap_fast.cli_infer", "embed_main", "embed audio files (a folder or a list) into .npy / .parquet"),
-    "zero-shot": ("clap_fast.cli_infer", "zero_shot_main", "zero-shot classify audio files against labels"),
+    "embed": (
+        "clap_fast.cli_infer",
+        "embed_main",
+        "embed audio files (a folder or a list) into .npy / .parquet",
+    ),
+    "zero-shot": (
+        "clap_fast.cli_infer",
+        "zero_shot_main",
+        "zero-shot classify audio files against labels",
+    ),
     "search": ("clap_fast.cli_infer", "search_main", "rank audio embeddings against a text query"),
     "test-tars": ("clap_fast.tools", "test_tars_main", "check webdataset tars for broken members"),
-    "check-ckpt": ("clap_fast.tools", "check_ckpt_main", "list checkpoint keys or diff two checkpoints"),
+    "check-ckpt": (
+        "clap_fast.tools",
+        "check_ckpt_main",
+        "list checkpoint keys or diff two checkpoints",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="clap-fast", description="clap_fast command line")
-    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[2]}" for k, v in SUBCOMMANDS.items()))
+    parser.add_argument(
+        "command",
+        choices=sorted(SUBCOMMANDS),
+        help="; ".join(f"{k}: {v[2]}" for k, v in SUBCOMMANDS.items()),
+    )
     if not argv:
         parser.print_usage(sys.stderr)
         return 2

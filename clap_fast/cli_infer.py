@@ -1,8 +1,8 @@
 """``clap-fast embed | zero-shot | search``: inference from the command line.
 
-    clap-fast embed AUDIO_DIR_OR_LIST --checkpoint 630k-audioset-best --out emb.npy
-    clap-fast zero-shot AUDIO_DIR --labels dog rain car --checkpoint ckpt.pt
-    clap-fast search emb.npy --query "a dog barks" --checkpoint ckpt.pt --top 5
+clap-fast embed AUDIO_DIR_OR_LIST --checkpoint 630k-audioset-best --out emb.npy
+clap-fast zero-shot AUDIO_DIR --labels dog rain car --checkpoint ckpt.pt
+clap-fast search emb.npy --query "a dog barks" --checkpoint ckpt.pt --top 5
 """
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ def find_audio_files(source: str) -> list[Path]:
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--checkpoint", help="LAION .pt, HF dir, our dir, or a released name (e.g. 630k-audioset-best)")
-    g.add_argument("--model", default="HTSAT-tiny", help="architecture when no checkpoint is given (random weights)")
+    g.add_argument(
+        "--checkpoint",
+        help="LAION .pt, HF dir, our dir, or a released name (e.g. 630k-audioset-best)",
+    )
+    g.add_argument(
+        "--model",
+        default="HTSAT-tiny",
+        help="architecture when no checkpoint is given (random weights)",
+    )
     g.add_argument("--text", default="roberta", help="text tower when no checkpoint is given")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
@@ -52,7 +59,9 @@ def _load_model(args: argparse.Namespace):
 
     if args.checkpoint:
         return clap_fast.CLAP.from_pretrained(args.checkpoint, device=args.device)
-    log.warning("no --checkpoint: using %s with RANDOM weights (for testing the pipeline only)", args.model)
+    log.warning(
+        "no --checkpoint: using %s with RANDOM weights (for testing the pipeline only)", args.model
+    )
     return clap_fast.create_model(args.model, text=args.text, device=args.device)
 
 
@@ -62,7 +71,9 @@ def _write_embeddings(out: Path, names: list[str], emb: np.ndarray) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({"path": names, "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))})
+        table = pa.table(
+            {"path": names, "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))}
+        )
         pq.write_table(table, out)
     elif out.suffix == ".npy":
         np.save(out, emb)
@@ -75,7 +86,9 @@ def embed_main(argv: list[str]) -> int:
     """Embed audio files; rows of failed files are dropped from the output and listed."""
     parser = argparse.ArgumentParser(prog="clap-fast embed", description="embed audio files")
     parser.add_argument("source", help="a folder, an audio file, or a text file listing paths")
-    parser.add_argument("--out", required=True, type=Path, help="output .npy (+ .paths.txt) or .parquet")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output .npy (+ .paths.txt) or .parquet"
+    )
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
     _model_args(parser)
     args = parser.parse_args(argv)
@@ -96,7 +109,9 @@ def embed_main(argv: list[str]) -> int:
 
 def zero_shot_main(argv: list[str]) -> int:
     """Classify audio files among --labels; prints a table (file, top label, probability)."""
-    parser = argparse.ArgumentParser(prog="clap-fast zero-shot", description="zero-shot audio classification")
+    parser = argparse.ArgumentParser(
+        prog="clap-fast zero-shot", description="zero-shot audio classification"
+    )
     parser.add_argument("source", help="a folder, an audio file, or a text file listing paths")
     parser.add_argument("--labels", nargs="+", required=True)
     parser.add_argument("--template", default="This is a sound of {}.")
@@ -115,7 +130,11 @@ def zero_shot_main(argv: list[str]) -> int:
         lines.append(f"{name[-60:]:<60} {args.labels[j]:<20} {float(p[j]):.3f}")
     sys.stdout.write("\n".join(lines) + "\n")
     if args.out:
-        args.out.write_text(json.dumps({n: dict(zip(args.labels, p.tolist())) for n, p in zip(kept, probs)}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {n: dict(zip(args.labels, p.tolist())) for n, p in zip(kept, probs)}, indent=2
+            )
+        )
     return 1 if model.last_failures else 0
 
 

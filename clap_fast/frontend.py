@@ -32,6 +32,7 @@ __all__ = [
     "LaionLogmel",
     "fusion_views",
     "fusion_chunk_starts",
+    "spec_augment",
 ]
 
 
@@ -66,7 +67,11 @@ def _triangles(mel_f: np.ndarray, fft_freqs: np.ndarray) -> np.ndarray:
 
 
 def slaney_mel_fb(
-    sample_rate: int = 48000, n_fft: int = 1024, n_mels: int = 64, fmin: float = 50, fmax: float = 14000
+    sample_rate: int = 48000,
+    n_fft: int = 1024,
+    n_mels: int = 64,
+    fmin: float = 50,
+    fmax: float = 14000,
 ) -> torch.Tensor:
     """(n_fft // 2 + 1, n_mels) float32: librosa's default mel filterbank (Slaney scale and area
     normalisation), transposed as LAION stores it (``melW``). Computed in float64."""
@@ -79,7 +84,11 @@ def slaney_mel_fb(
 
 
 def htk_mel_fb(
-    sample_rate: int = 48000, n_fft: int = 1024, n_mels: int = 64, fmin: float = 50, fmax: float = 14000
+    sample_rate: int = 48000,
+    n_fft: int = 1024,
+    n_mels: int = 64,
+    fmin: float = 50,
+    fmax: float = 14000,
 ) -> torch.Tensor:
     """(n_fft // 2 + 1, n_mels) float32: torchaudio's MelSpectrogram filterbank with the HTK
     scale and no normalisation (what LAION's fusion preprocessing uses)."""
@@ -135,6 +144,30 @@ def log_mel_for(cfg: AudioConfig, waveform: torch.Tensor, mel_fb: torch.Tensor) 
     return ops.log_mel(waveform, mel_fb, n_fft=cfg.window_size, hop_length=cfg.hop_size)
 
 
+def _drop_stripes(x: torch.Tensor, dim: int, width: int, stripes: int) -> torch.Tensor:
+    """Zero ``stripes`` random bands of width U[0, width) along ``dim`` of (B, C, T, F), per sample."""
+    b, size = x.shape[0], x.shape[dim]
+    dist = torch.randint(0, width, (b, stripes), device=x.device)
+    start = (torch.rand(b, stripes, device=x.device) * (size - dist + 1)).long()
+    pos = torch.arange(size, device=x.device)[None, None, :]
+    hit = ((pos >= start[..., None]) & (pos < (start + dist)[..., None])).any(dim=1)  # (B, size)
+    shape = [b, 1, 1, 1]
+    shape[dim] = size
+    return x * (~hit).view(shape).to(x.dtype)
+
+
+def spec_augment(
+    x: torch.Tensor,
+    time_width: int = 64,
+    time_stripes: int = 2,
+    freq_width: int = 8,
+    freq_stripes: int = 2,
+) -> torch.Tensor:
+    """LAION's training-time SpecAugment (torchlibrosa's settings) on (B, C, T, F) mel."""
+    x = _drop_stripes(x, 2, time_width, time_stripes)
+    return _drop_stripes(x, 3, freq_width, freq_stripes)
+
+
 def fusion_chunk_starts(
     total_frames: int, chunk_frames: int, generator: torch.Generator | None
 ) -> tuple[int, int, int]:
@@ -182,8 +215,11 @@ def fusion_views(
         return mel.unsqueeze(0).expand(4, -1, -1).contiguous(), False
     a, b, c = fusion_chunk_starts(total, chunk_frames, generator)
     shrink = F.interpolate(
-        mel[None, None], size=(chunk_frames, mel.shape[1]), mode="bilinear",
-        align_corners=False, antialias=antialias,
+        mel[None, None],
+        size=(chunk_frames, mel.shape[1]),
+        mode="bilinear",
+        align_corners=False,
+        antialias=antialias,
     )[0, 0]
     crops = [mel[s : s + chunk_frames] for s in (a, b, c)]
     return torch.stack([shrink, *crops], dim=0), True

@@ -19,7 +19,7 @@ from torch import nn
 
 from clap_fast import ops
 from clap_fast.config import AudioConfig, HTSATConfig
-from clap_fast.frontend import LaionLogmel, LaionSpectrogramWeights, log_mel_for
+from clap_fast.frontend import LaionLogmel, LaionSpectrogramWeights, log_mel_for, spec_augment
 from kernels.window_attention_ref import relative_position_index, shift_mask
 
 __all__ = ["HTSAT", "AFF", "DropPath"]
@@ -63,7 +63,9 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size - 1) ** 2, num_heads)
         )
-        self.register_buffer("relative_position_index", relative_position_index(window_size).clone())
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size).clone()
+        )
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -83,7 +85,13 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     def __init__(
-        self, dim: int, resolution: int, num_heads: int, window_size: int, shift: bool, drop_path: float
+        self,
+        dim: int,
+        resolution: int,
+        num_heads: int,
+        window_size: int,
+        shift: bool,
+        drop_path: float,
     ) -> None:
         super().__init__()
         self.resolution = resolution
@@ -237,7 +245,9 @@ class HTSAT(nn.Module):
             )  # fmt: skip
         self.norm = nn.LayerNorm(self.num_features)
         sf = h.spec_size // 2 ** (len(h.depths) - 1) // patch // self.freq_ratio
-        self.tscam_conv = nn.Conv2d(self.num_features, cfg.class_num, kernel_size=(sf, 3), padding=(0, 1))
+        self.tscam_conv = nn.Conv2d(
+            self.num_features, cfg.class_num, kernel_size=(sf, 3), padding=(0, 1)
+        )
         self.head = nn.Linear(cfg.class_num, cfg.class_num)
         self.apply(_init_weights)
 
@@ -257,6 +267,8 @@ class HTSAT(nn.Module):
     def forward_mel(self, mel: torch.Tensor, longer: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, T, mel_bins) log-mel (C = 1, or 4 fusion views) -> tokens (B, N, 8C)."""
         x = self.bn0(mel.transpose(1, 3)).transpose(1, 3)
+        if self.training:
+            x = spec_augment(x)
         x = self.patch_embed(self._to_image(x), longer if self.enable_fusion else None)
         for layer in self.layers:
             x = layer(x)

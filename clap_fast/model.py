@@ -132,7 +132,9 @@ class CLAP(InferenceMixin, nn.Module):
         pooled = self.audio_branch(waveform, mel_fusion=mel_fusion, longer=longer)
         return self.audio_projection(pooled)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Projected, unnormalised text features (B, 512) from (B, L) token ids."""
         if self.text_type == "transformer":
             x = self.token_embedding(input_ids) + self.positional_embedding
@@ -168,7 +170,9 @@ class CLAP(InferenceMixin, nn.Module):
         }
 
     # ------------------------------------------------------- checkpoint shapes
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ):
         for name in ("logit_scale_a", "logit_scale_t"):
             key = prefix + name
             if key in state_dict and state_dict[key].dim() == 0:
@@ -181,4 +185,6 @@ class CLAP(InferenceMixin, nn.Module):
                     state_dict[key] = own[name].detach().clone()
                 elif name not in own:
                     state_dict.pop(key, None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )

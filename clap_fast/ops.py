@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "reference")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("clap_fast_backend", default=None)
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "clap_fast_backend", default=None
+)
 
 
 def backend() -> str:
@@ -127,7 +129,9 @@ def _kernel(name: str):
     try:
         return importlib.import_module(f"kernels.{name}")
     except ImportError as exc:  # pragma: no cover - depends on the installed stack
-        raise RuntimeError(f"the Triton kernel kernels.{name} could not be imported: {exc}") from exc
+        raise RuntimeError(
+            f"the Triton kernel kernels.{name} could not be imported: {exc}"
+        ) from exc
 
 
 def log_mel(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clap_fast.config import AudioConfig
-from clap_fast.frontend import LaionLogmel, LaionSpectrogramWeights, log_mel_for
+from clap_fast.frontend import LaionLogmel, LaionSpectrogramWeights, log_mel_for, spec_augment
 
 __all__ = ["PANN", "PANN_WIDTHS"]
 
@@ -78,6 +78,8 @@ class PANN(nn.Module):
     def forward_mel(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, mel_bins) -> (B, width) embedding."""
         x = self.bn0(mel.transpose(1, 3)).transpose(1, 3)
+        if self.training:
+            x = spec_augment(x)
         for i, pool in enumerate(self.pools):
             x = getattr(self, f"conv_block{i + 1}")(x, pool)
             x = F.dropout(x, p=0.2, training=self.training)
@@ -87,7 +89,9 @@ class PANN(nn.Module):
         x = F.relu(self.fc1(x))
         return F.dropout(x, p=0.5, training=self.training)
 
-    def forward(self, waveform: torch.Tensor | None = None, **unused: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, waveform: torch.Tensor | None = None, **unused: torch.Tensor | None
+    ) -> torch.Tensor:
         if waveform is None:
             raise ValueError("a PANN tower takes a (B, L) waveform")
         return self.forward_mel(self.log_mel(waveform))

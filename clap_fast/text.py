@@ -57,7 +57,9 @@ def build_hf_tower(cfg: TextConfig) -> nn.Module:
 
 
 def hf_tower_width(tower: nn.Module) -> int:
-    return int(tower.config.hidden_size if hasattr(tower.config, "hidden_size") else tower.config.d_model)
+    return int(
+        tower.config.hidden_size if hasattr(tower.config, "hidden_size") else tower.config.d_model
+    )
 
 
 def hf_tower_forward(

@@ -45,7 +45,11 @@ def _shift_mask_cpu(height: int, width: int, window_size: int, shift_size: int) 
     img = torch.zeros(height, width)
     cnt = 0
     for hs in (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None)):
-        for ws in (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None)):
+        for ws in (
+            slice(0, -window_size),
+            slice(-window_size, -shift_size),
+            slice(-shift_size, None),
+        ):
             img[hs, ws] = cnt
             cnt += 1
     win = _partition(img[None, :, :, None], window_size).reshape(-1, window_size * window_size)

@@ -9,7 +9,14 @@ import torch
 import clap_fast
 
 # head dim 64, as in every released tower: LAION checkpoints carry no head count, so it is derived.
-SMALL_ROBERTA = {"hf": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 1, "intermediate_size": 128}}
+SMALL_ROBERTA = {
+    "hf": {
+        "num_hidden_layers": 1,
+        "hidden_size": 64,
+        "num_attention_heads": 1,
+        "intermediate_size": 128,
+    }
+}
 SMALL_CLIP_TEXT = {"width": 32, "layers": 1, "heads": 2}
 
 
@@ -41,7 +48,9 @@ def signals(n: int, length: int = 480000, sr: int = 48000, seed: int = 0) -> tor
             x = x + 0.01 * torch.randn(length, generator=g, dtype=torch.float64)
         elif kind == 1:
             phase = 2 * math.pi * (200 * t + 0.5 * (8000 - 200) * t**2 / max(t[-1].item(), 1e-3))
-            x = 0.4 * torch.sin(phase) + 0.02 * torch.randn(length, generator=g, dtype=torch.float64)
+            x = 0.4 * torch.sin(phase) + 0.02 * torch.randn(
+                length, generator=g, dtype=torch.float64
+            )
         else:
             env = (torch.sin(2 * math.pi * 3 * t) > 0).double() * 0.9 + 0.1
             x = env * 0.3 * torch.randn(length, generator=g, dtype=torch.float64)

@@ -85,8 +85,12 @@ def test_long_policies_and_seeded_randomness():
     long = list(signals(1, 480000 * 2 + 1000))
     assert prepare_batch(long, cfg, fusion=False).waveform.shape[0] == 3  # 0, 480000, end-aligned
     assert prepare_batch(long, cfg, fusion=False, long_audio="first").waveform.shape[0] == 1
-    a = prepare_batch(long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3))
-    b = prepare_batch(long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3))
+    a = prepare_batch(
+        long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3)
+    )
+    b = prepare_batch(
+        long, cfg, fusion=False, long_audio="rand_trunc", generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a.waveform, b.waveform)
     fcfg = get_config("HTSAT-tiny", enable_fusion=True).audio
     c = prepare_batch(long, fcfg, fusion=True, generator=torch.Generator().manual_seed(5))
@@ -121,7 +125,9 @@ def test_resampling_and_int16_input(model):
     x = signals(1, 44100 * 2, sr=44100)
     assert model.embed_audio(x, sample_rate=44100).shape == (1, 512)
     pcm = (x * 32767).to(torch.int16)
-    torch.testing.assert_close(model.embed_audio(pcm, 44100), model.embed_audio(x, 44100), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        model.embed_audio(pcm, 44100), model.embed_audio(x, 44100), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -185,3 +191,14 @@ def test_zero_shot_probabilities(model):
     torch.testing.assert_close(p.sum(dim=-1), torch.ones(2))
     with pytest.raises(ValueError, match="template"):
         model.zero_shot(a, ["dog"], template="no placeholder", text_embeddings=t[:1])
+
+
+def test_spec_augment_drops_bounded_stripes():
+    from clap_fast.frontend import spec_augment
+
+    torch.manual_seed(1)
+    y = spec_augment(torch.ones(64, 1, 1001, 64))
+    time_dropped = (y == 0).all(dim=3)[:, 0].sum(dim=1)  # whole frames zeroed per sample
+    freq_dropped = (y == 0).all(dim=2)[:, 0].sum(dim=1)  # whole mel bins zeroed per sample
+    assert time_dropped.max() <= 2 * 63 and freq_dropped.max() <= 2 * 7
+    assert time_dropped.float().mean() > 10 and freq_dropped.float().mean() > 1

@@ -48,7 +48,9 @@ def test_laion_checkpoint_loads_strictly_and_embeds_identically(tmp_path, with_p
     x = signals(2, 480000)
     torch.testing.assert_close(loaded.embed_audio(x), model.embed_audio(x), rtol=0, atol=0)
     ids = torch.randint(3, 1000, (2, 77))
-    torch.testing.assert_close(loaded.embed_text_tokens(ids), model.embed_text_tokens(ids), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.embed_text_tokens(ids), model.embed_text_tokens(ids), rtol=0, atol=0
+    )
     # and plain torch: a LAION state dict (prefix stripped) loads with strict=True
     sd = {k.removeprefix("module."): v for k, v in to_laion_state_dict(model).items()}
     assert sd["logit_scale_a"].dim() == 0
@@ -131,7 +133,11 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_into(model, {k.removeprefix("module."): v for k, v in sd.items()})
     msg = str(err.value)
-    assert "audio_branch.norm.bias" in msg and "some.extra.weight" in msg and "audio_projection.0.weight" in msg
+    assert (
+        "audio_branch.norm.bias" in msg
+        and "some.extra.weight" in msg
+        and "audio_projection.0.weight" in msg
+    )
 
 
 def test_released_name_offline_names_the_file(monkeypatch):

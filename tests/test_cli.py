@@ -28,13 +28,41 @@ def setup(tmp_path_factory):
 
 def test_embed_npy_and_parquet(setup, capsys):
     root, model = setup
-    assert main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "e.npy"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(root / "audio"),
+                "--checkpoint",
+                str(root / "ckpt"),
+                "--out",
+                str(root / "e.npy"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     emb = np.load(root / "e.npy")
     names = (root / "e.paths.txt").read_text().splitlines()
     assert emb.shape == (3, 512) and len(names) == 3 and names[0].endswith("a.wav")
-    np.testing.assert_allclose(emb[0], model.embed_audio_files([names[0]], progress=False)[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        emb[0], model.embed_audio_files([names[0]], progress=False)[0].numpy(), atol=1e-5
+    )
     pytest.importorskip("pyarrow")
-    assert main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "e.parquet")]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(root / "audio"),
+                "--checkpoint",
+                str(root / "ckpt"),
+                "--out",
+                str(root / "e.parquet"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_embed_reports_broken_files(setup):
@@ -43,7 +71,10 @@ def test_embed_reports_broken_files(setup):
     bad.mkdir()
     (bad / "x.wav").write_bytes(b"garbage")
     sf.write(bad / "ok.wav", signals(1, 48000).numpy()[0], 48000)
-    assert main(["embed", str(bad), "--checkpoint", str(root / "ckpt"), "--out", str(root / "b.npy")]) == 1
+    assert (
+        main(["embed", str(bad), "--checkpoint", str(root / "ckpt"), "--out", str(root / "b.npy")])
+        == 1
+    )
     assert np.load(root / "b.npy").shape == (1, 512)
     assert list(json.loads((root / "b.failed.json").read_text())) == [str(bad / "x.wav")]
 
@@ -51,12 +82,48 @@ def test_embed_reports_broken_files(setup):
 def test_zero_shot_and_search(setup, capsys):
     pytest.importorskip("open_clip")
     root, _ = setup
-    assert main(["zero-shot", str(root / "audio"), "--labels", "dog", "rain", "--checkpoint", str(root / "ckpt")]) == 0
+    assert (
+        main(
+            [
+                "zero-shot",
+                str(root / "audio"),
+                "--labels",
+                "dog",
+                "rain",
+                "--checkpoint",
+                str(root / "ckpt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 4 and out[1].split()[1] in ("dog", "rain")
-    main(["embed", str(root / "audio"), "--checkpoint", str(root / "ckpt"), "--out", str(root / "s.npy")])
+    main(
+        [
+            "embed",
+            str(root / "audio"),
+            "--checkpoint",
+            str(root / "ckpt"),
+            "--out",
+            str(root / "s.npy"),
+        ]
+    )
     capsys.readouterr()
-    assert main(["search", str(root / "s.npy"), "--query", "a tone", "--top", "2", "--checkpoint", str(root / "ckpt")]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(root / "s.npy"),
+                "--query",
+                "a tone",
+                "--top",
+                "2",
+                "--checkpoint",
+                str(root / "ckpt"),
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 

@@ -56,7 +56,13 @@ def test_state_dict_keys_equal_laion(tsv, arch, text, fusion):
 def _hf_pair(fusion: bool, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.ClapConfig(
-        text_config=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128, layer_norm_eps=1e-5),
+        text_config=dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            intermediate_size=128,
+            layer_norm_eps=1e-5,
+        ),
         audio_config=dict(enable_fusion=fusion),
     )
     torch.manual_seed(0)
@@ -79,7 +85,9 @@ def test_parity_with_transformers_clap(fusion, tmp_path):
         if fusion:
             assert batch.longer.tolist() == [True, True]
             a = ours.encode_audio(mel_fusion=batch.mel_fusion, longer=batch.longer)
-            h = hf.get_audio_features(input_features=batch.mel_fusion, is_longer=batch.longer[:, None])
+            h = hf.get_audio_features(
+                input_features=batch.mel_fusion, is_longer=batch.longer[:, None]
+            )
         else:
             a = ours.encode_audio(batch.waveform)
             h = hf.get_audio_features(input_features=ours.audio_branch.log_mel(batch.waveform))
@@ -134,7 +142,10 @@ def test_training_forward_and_backward():
     loss = -(out["audio_features"] * out["text_features"]).sum() * out["logit_scale_a"]
     loss.backward()
     assert model.logit_scale_a.grad is not None
-    assert model.audio_branch.layers[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+    assert (
+        model.audio_branch.layers[0].blocks[0].attn.relative_position_bias_table.grad.abs().sum()
+        > 0
+    )
 
 
 def test_unknown_names_raise():

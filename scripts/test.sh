@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's test command: set up (or reuse) .venv, then lint, the test suite and a smoke run of
+# the benchmarks. Without a GPU the Triton kernels run through Triton's interpreter.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash scripts/setup_venv.sh
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$root/.cache/inductor}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/ruff check clap_fast kernels export bench tests
+.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q bench --benchmark-disable -p no:cacheprovider
