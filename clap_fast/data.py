@@ -442,8 +442,13 @@ class WebAudioDataset(IterableDataset):
 
 
 def make_loader(dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader that passes the dataset's ready-made batches through unchanged."""
-    kw: dict[str, Any] = {}
+    """A DataLoader that passes the dataset's ready-made batches through unchanged.
+
+    Its own generator keeps the global torch RNG untouched (resumed runs replay it exactly).
+    """
+    kw: dict[str, Any] = {
+        "generator": torch.Generator().manual_seed(_mix(dataset.seed, dataset.epoch))
+    }
     if workers > 0:
-        kw = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+        kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=False, **kw)

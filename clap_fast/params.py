@@ -129,7 +129,8 @@ class TrainConfig:
     """Seed of the model init, data order and augmentations."""
     # -------------------------------------------------- checkpoints and logs
     logs: str = "./logs"
-    """Runs go to ``<logs>/<name>``."""
+    """Runs go to ``<logs>/<name>``. Under torchrun spell it ``--logdir``: torchrun's own parser
+    rejects ``--logs`` as an ambiguous abbreviation of its ``--logs-specs``."""
     name: str | None = None
     """Run name (default: date + model + lr + batch)."""
     resume: str | None = None
@@ -187,8 +188,9 @@ _IGNORED = {
 }  # fmt: skip
 
 
-def _bool_flag(p: argparse.ArgumentParser, flag: str, help: str) -> None:
-    p.add_argument(flag, action="store_true", default=False, help=help)
+def _bool_flag(p: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
+    action = argparse.BooleanOptionalAction if default else "store_true"
+    p.add_argument(flag, action=action, default=default, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in ("ignored_flags", "model", "text_overrides"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, "--logdir"] if f.name == "logs" else [flag]  # torchrun rejects --logs
         default = getattr(d, f.name)
         help_ = docs.get(f.name, "")
         if isinstance(default, bool):
-            _bool_flag(p, flag, help_)
+            _bool_flag(p, flag, default, help_)
         elif isinstance(default, list):
             p.add_argument(flag, nargs="+", default=default, help=help_)
         elif f.name in ("train_num_samples", "clip_samples", "max_steps"):
@@ -213,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in ("resume", "name", "zeroshot_folder", "dist_backend"):
             p.add_argument(flag, type=str, default=default, help=help_)
         else:
-            p.add_argument(flag, type=type(default), default=default, help=help_)
+            p.add_argument(*flags, type=type(default), default=default, help=help_)
     p.add_argument("--model", "--amodel", dest="model", default=d.model, help=docs["model"])
     p.add_argument("--text-overrides", type=json.loads, default={}, help=docs["text_overrides"])
     for flag, nargs in _IGNORED.items():

@@ -185,7 +185,7 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
         for m in blocks + text_layers(model):
             m.compile(dynamic=False)
     if cfg.use_bn_sync and d.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.audio_branch.bn0 = GlobalBatchNorm2d.from_bn(model.audio_branch.bn0)
     model.to(d.device)
     if d.world == 1 and cfg.parallel == "fsdp" and not bf16:
         return model  # one process: nothing to shard
@@ -220,6 +220,44 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
         )
         return fully_shard(model, mp_policy=root_mp)
     return fully_shard(model)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with statistics over the global batch (all ranks), for ``--use-bn-sync``.
+
+    ``nn.SyncBatchNorm`` only runs on accelerators; this one all-reduces per-channel sums with
+    autograd (``torch.distributed.nn``), so it works with gloo on the CPU, under FSDP2 and DDP,
+    and keeps BatchNorm2d's state-dict keys. Eval mode uses the running statistics as usual.
+    """
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d) -> GlobalBatchNorm2d:
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        return new.to(bn.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_fn
+
+        xf = x.float()
+        local = torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        total = dist_fn.all_reduce(torch.cat([local.flatten(), count]))
+        n = total[-1]
+        mean = total[: self.num_features] / n
+        var = (total[self.num_features : 2 * self.num_features] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * n / (n - 1), m)
+            self.num_batches_tracked += 1
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
 
 
 def param_groups(model: nn.Module, wd: float) -> list[dict[str, Any]]:
@@ -623,12 +661,14 @@ def _run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.logs) / cfg.name
 
 
-def _report_skips(stats: SkipStats, epoch: int, d: Dist, reporter: Reporter) -> dict[str, Any]:
+def _report_skips(
+    stats: SkipStats, epoch: int, d: Dist, reporter: Reporter, loss: float
+) -> dict[str, Any]:
     total = SkipStats()
     for s in _all_gather_obj(stats.to_dict(), d):
         total.merge(s)
-    entry = {"epoch": epoch, "kind": "data", "skipped": dict(total.counts), "clips": total.clips,
-             "skipped_items": [list(x) for x in total.details]}  # fmt: skip
+    entry = {"epoch": epoch, "kind": "data", "train_loss": loss, "skipped": dict(total.counts),
+             "clips": total.clips, "skipped_items": [list(x) for x in total.details]}  # fmt: skip
     if d.main:
         if total.counts:
             log.warning("epoch %d: skipped %s", epoch, dict(total.counts))
@@ -660,6 +700,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     _seed_everything(cfg.seed)
     model = build_model(cfg)
     model_cfg = model.cfg
+    torch.manual_seed(cfg.seed + 1 + d.rank)  # per-rank stream for drop-path etc.
     freeze(cfg, model)
     flops = _flops_per_sample(model, model_cfg)
     wrapped = parallelize(cfg, model, d)
@@ -751,6 +792,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             "wait": 0.0,
         }
         exhausted = False
+        epoch_loss = [0.0, 0]
         while not done:
             t0 = time.perf_counter()
             batch = None
@@ -789,13 +831,16 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             clamp_logit_scale_(wrapped)
             step += 1
             batches_in_epoch += 1
-            window["loss"] += float(loss.detach())  # host sync, once per step (logging)
+            loss_value = float(loss.detach())  # host sync, once per step (logging)
+            window["loss"] += loss_value
+            epoch_loss[0] += loss_value
+            epoch_loss[1] += 1
             window["n"] += 1
             window["samples"] += x["input_ids"].shape[0] * d.world
             window["seconds"] += batch["seconds"] * d.world
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
             if step % cfg.log_every_n_steps == 0 or step == total_steps:
                 dt = time.perf_counter() - window["t"]
                 sps = window["samples"] / dt
@@ -837,7 +882,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             it
         ):  # drain: the rest of the epoch's skip counts (batches beyond the sync point are dropped)
             stats.merge(item["stats"])
-        _report_skips(stats, epoch, d, reporter)
+        _report_skips(stats, epoch, d, reporter, epoch_loss[0] / max(1, epoch_loss[1]))
         epoch_s = time.perf_counter() - t_epoch
         if stats.busy_s > 0:
             per_worker = stats.clips / stats.busy_s
