@@ -123,12 +123,33 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
         sd = dict(obj)
-    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = _strip_prefix(sd)
     if any(k.startswith(("audio_model.", "text_model.")) for k in sd):
         info["format"] = "hf"
         return from_hf_state_dict(sd), info
     info["format"] = "laion"
     return sd, info
+
+
+def _strip_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the prefix LAION-layout weights sit under: DDP's ``module.``, or the wrapper of
+    open_clip-style CLAP copies embedded in other models (AudioLDM / MusicLDM keep them under
+    ``cond_stage_model.model.``). Keys outside that prefix (the host model's own) are ignored."""
+    anchor = next((k for k in sd if "audio_branch." in k or k.startswith("audio_model.")), None)
+    if anchor is None:
+        return dict(sd)
+    prefix = anchor[: anchor.index("audio_branch.")] if "audio_branch." in anchor else ""
+    if not prefix:
+        return dict(sd)
+    kept = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if len(kept) < len(sd):
+        log.info(
+            "using the %d tensors under %r; %d others ignored",
+            len(kept),
+            prefix,
+            len(sd) - len(kept),
+        )
+    return kept
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

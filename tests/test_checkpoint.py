@@ -156,3 +156,17 @@ def test_small_text_overrides_survive_our_format(tmp_path):
     model.save_pretrained(tmp_path)
     again = clap_fast.CLAP.from_pretrained(tmp_path)
     assert again.cfg.text.hf["hidden_size"] == SMALL_ROBERTA["hf"]["hidden_size"]
+
+
+def test_open_clip_style_embedded_clap_loads(tmp_path):
+    """A LAION-layout CLAP inside another model (AudioLDM's cond_stage_model.model.) loads."""
+    model = small_model()
+    sd = {
+        "cond_stage_model.model." + k.removeprefix("module."): v
+        for k, v in to_laion_state_dict(model).items()
+    }
+    sd["first_stage_model.decoder.weight"] = torch.zeros(3)
+    torch.save({"state_dict": sd}, tmp_path / "audioldm.ckpt")
+    loaded = clap_fast.CLAP.from_pretrained(tmp_path / "audioldm.ckpt")
+    x = signals(1, 480000)
+    torch.testing.assert_close(loaded.embed_audio(x), model.embed_audio(x), rtol=0, atol=0)
