@@ -98,7 +98,7 @@ def laion_eager(qkv, table, *, num_heads, window_size, shift_size, index, mask):
 
 
 def _windows(qkv: torch.Tensor, shift: int) -> torch.Tensor:
-    """(B, H, W, 3C) -> (3, B*nW, heads-major later) window-ordered tokens, (B*nW, N, 3C)."""
+    """(B, H, W, 3C) -> (B*nW, N, 3C): rolled by -shift and cut into windows (copies)."""
     x = torch.roll(qkv, (-shift, -shift), (1, 2)) if shift else qkv
     return ref._partition(x, WINDOW).flatten(1, 2)
 
@@ -192,7 +192,14 @@ def _provider(name: str, h: int, w: int, heads: int, shift: int) -> Callable:
             index=index,
             mask=mask,
         )
-        return lambda qkv, table: eager(qkv, table)[0]
+
+        def run(qkv, table):
+            # LAION trains and embeds under AMP on GPUs: bf16 matmuls, the fp32 table promotes
+            # the scores to fp32 (a B*nW*heads*N*N fp32 tensor), softmax in fp32.
+            with torch.autocast(DEVICE, dtype=DTYPE, enabled=HAS_CUDA):
+                return eager(qkv, table)[0]
+
+        return run
     if name == "ref_compiled":
         # torch 2.11's vectorised C++ codegen fails to compile the shifted reference on the CPU
         # ("decltype evaluates to float", C++ compile error); scalar codegen works there.
