@@ -54,16 +54,21 @@ def dft_basis(n_fft: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     key = (n_fft, str(device), dtype)
     basis = _BASIS_CACHE.get(key)
     if basis is None:
-        n = torch.arange(n_fft, dtype=torch.float64)
-        k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
-        # Reduce n*k mod n_fft in integers first: exact angles, no float64 drift at large n*k.
-        phase = (n[:, None] * k[None, :]) % n_fft
-        ang = 2 * math.pi * phase / n_fft
-        window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)[:, None]
-        basis = torch.cat([torch.cos(ang) * window, -torch.sin(ang) * window], dim=1)
-        basis = basis.to(device=device, dtype=dtype)
+        with torch.inference_mode(False):  # a cached inference tensor would break autograd later
+            basis = _dft_basis(n_fft, device, dtype)
         _BASIS_CACHE[key] = basis
     return basis
+
+
+def _dft_basis(n_fft: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    n = torch.arange(n_fft, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    # Reduce n*k mod n_fft in integers first: exact angles, no float64 drift at large n*k.
+    phase = (n[:, None] * k[None, :]) % n_fft
+    ang = 2 * math.pi * phase / n_fft
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)[:, None]
+    basis = torch.cat([torch.cos(ang) * window, -torch.sin(ang) * window], dim=1)
+    return basis.to(device=device, dtype=dtype)
 
 
 def _frames(wave: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = ["window_attention", "relative_position_index", "shift_mask"]
 
 
 @functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)  # a cached inference tensor would break autograd later
 def _relative_position_index_cpu(window_size: int) -> torch.Tensor:
     coords = torch.stack(
         torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij")
@@ -41,6 +42,7 @@ def relative_position_index(window_size: int, device: torch.device | None = None
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)
 def _shift_mask_cpu(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
     img = torch.zeros(height, width)
     cnt = 0

@@ -161,3 +161,22 @@ def test_unknown_names_raise():
 def test_small_model_config_is_separate():
     m = small_model(text="transformer")
     assert m.cfg.text.width == SMALL_CLIP_TEXT["width"]
+
+
+def test_inference_first_then_training_works():
+    """Constant caches built under inference_mode must not break a later backward."""
+    from kernels import mel_ref, window_attention_ref
+
+    window_attention_ref._relative_position_index_cpu.cache_clear()
+    window_attention_ref._shift_mask_cpu.cache_clear()
+    mel_ref._BASIS_CACHE.clear()
+    model = small_model(text="transformer")
+    model.embed_audio(signals(1, 480000))  # fills the caches in inference mode
+    with torch.inference_mode():
+        mel_ref.log_mel(signals(1, 4800), model.audio_branch.logmel_extractor.melW, dft="matmul")
+    model.train()
+    out = model(signals(2, 480000), torch.randint(1, 1000, (2, 77)))
+    out["audio_features"].sum().backward()
+    x = signals(1, 4800).requires_grad_()
+    mel_ref.log_mel(x, model.audio_branch.logmel_extractor.melW, dft="matmul").sum().backward()
+    assert x.grad is not None
