@@ -151,6 +151,9 @@ def export_tower_aoti(
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry. Exit status: 0 ok, 1 export or parity failure, 2 bad arguments."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(
+        logging.WARNING
+    )  # per-pass chatter of the dynamo exporter
     parser = build_parser("python -m export.aoti")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")

@@ -171,6 +171,19 @@ def _torch_to_onnx(
         return "torchscript"
 
 
+def _static_output_width(path: Path, width: int) -> None:
+    """Declare the embedding output as (batch, width): the TorchScript exporter leaves the
+    width symbolic (it comes out of a Div), which shape-checking consumers cannot use."""
+    import onnx
+
+    m = onnx.load(str(path))
+    dims = m.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].dim_value != width:
+        dims[1].ClearField("dim_param")
+        dims[1].dim_value = width
+        onnx.save(m, str(path))
+
+
 def _onnx_shapes(path: Path) -> dict[str, list[dict[str, Any]]]:
     import onnx
 
@@ -275,6 +288,7 @@ def export_tower(
         raise ExportError(
             f"{tower} export failed at opset {opset}: {type(exc).__name__}: {exc}"
         ) from exc
+    _static_output_width(path, model.cfg.joint_embed_shape)
     trt_issues = check_onnx(path)
     for issue in trt_issues:
         log.warning("TensorRT compatibility: %s", issue)
@@ -395,6 +409,9 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry. Exit status: 0 ok, 1 export or parity failure, 2 bad arguments."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(
+        logging.WARNING
+    )  # per-pass chatter of the dynamo exporter
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

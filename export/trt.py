@@ -305,6 +305,9 @@ def build_parser_trt() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; see the module docstring for exit statuses."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("onnx_ir").setLevel(
+        logging.WARNING
+    )  # per-pass chatter of the dynamo exporter
     parser = build_parser_trt()
     args = parser.parse_args(argv)
     try:
