@@ -199,19 +199,19 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[tuple[str, dict[str
                 if not m.isfile():
                     continue
                 current = m.name
+                match = _KEY_RE.match(m.name)
+                k = match.group(1) if match else None
+                if group and k != key:  # a sample ends where the next key starts
+                    yield key, group
+                    group = {}
                 data = tar.extractfile(m).read()
                 if len(data) != m.size:
                     raise tarfile.ReadError("unexpected end of data")
                 end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
-                match = _KEY_RE.match(m.name)
                 if match is None:
                     continue  # no extension: not part of a sample (as webdataset)
-                k, ext = match.group(1), match.group(2).lower()
-                if k != key and group:
-                    yield key, group
-                    group = {}
                 key = k
-                group[ext] = data
+                group[match.group(2).lower()] = data
                 current = ""
         if tap.block_at(end) != bytes(_BLOCK):
             raise tarfile.ReadError("no end-of-archive marker")
