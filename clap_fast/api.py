@@ -68,6 +68,7 @@ class InferenceMixin:
         generator: torch.Generator | None = None,
         normalize: bool = True,
         progress: bool = False,
+        autocast: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
 
@@ -77,6 +78,8 @@ class InferenceMixin:
             long_audio: sliding (default) | first | rand_trunc; fusion models use fusion.
             data_filling: repeatpad (default) | repeat | pad, for clips shorter than 10 s.
             generator: makes rand_trunc / fusion crops random (LAION) and reproducible.
+            autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
+                fp32); None (default) computes in fp32 like LAION.
         """
         if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
@@ -88,7 +91,8 @@ class InferenceMixin:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
-        with torch.inference_mode():
+        amp = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
+        with torch.inference_mode(), amp:
             for idx in _chunks(len(clips), batch_size):
                 out[idx.start : idx.stop] = self._embed_clips(
                     [clips[i] for i in idx],

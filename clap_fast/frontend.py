@@ -140,8 +140,14 @@ class LaionLogmel(nn.Module):
 
 
 def log_mel_for(cfg: AudioConfig, waveform: torch.Tensor, mel_fb: torch.Tensor) -> torch.Tensor:
-    """(B, L) waveform -> (B, T, n_mels) log-mel with the config's STFT settings."""
-    return ops.log_mel(waveform, mel_fb, n_fft=cfg.window_size, hop_length=cfg.hop_size)
+    """(B, L) waveform -> (B, T, n_mels) float32 log-mel with the config's STFT settings.
+
+    Always fp32, also under autocast: in fp16 the power of a loud frame overflows.
+    """
+    with torch.autocast(waveform.device.type, enabled=False):
+        return ops.log_mel(
+            waveform.float(), mel_fb.float(), n_fft=cfg.window_size, hop_length=cfg.hop_size
+        )
 
 
 def _drop_stripes(x: torch.Tensor, dim: int, width: int, stripes: int) -> torch.Tensor:

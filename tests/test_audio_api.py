@@ -202,3 +202,13 @@ def test_spec_augment_drops_bounded_stripes():
     freq_dropped = (y == 0).all(dim=2)[:, 0].sum(dim=1)  # whole mel bins zeroed per sample
     assert time_dropped.max() <= 2 * 63 and freq_dropped.max() <= 2 * 7
     assert time_dropped.float().mean() > 10 and freq_dropped.float().mean() > 1
+
+
+def test_bf16_autocast_embedding_is_close_and_front_end_stays_fp32(model):
+    x = signals(2, 480000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.audio_branch.log_mel(x).dtype == torch.float32
+    a = model.embed_audio(x)
+    b = model.embed_audio(x, autocast=torch.bfloat16)
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
