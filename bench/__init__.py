@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark suites) and the report generator (``python -m bench.report``)."""
