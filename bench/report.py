@@ -39,7 +39,7 @@ from typing import Any
 __all__ = ["COLUMNS", "BASELINE_RE", "load_rows", "write_reports", "main"]
 
 COLUMNS = [
-    "suite", "group", "name", "provider", "role", "items", "item_unit", "median_ms", "p20_ms",
+    "suite", "group", "family", "name", "provider", "role", "items", "item_unit", "median_ms", "p20_ms",
     "p80_ms", "mean_ms", "min_ms", "rounds", "items_per_s",
 ]  # fmt: skip
 BASELINE_RE = (
@@ -88,6 +88,19 @@ def _group(b: dict) -> str:
     if b.get("group"):
         return str(b["group"])
     params = {k: v for k, v in (b.get("params") or {}).items() if k not in _PROVIDER_PARAMS}
+    base = b["name"].split("[", 1)[0]
+    return base + ("[" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]" if params else "")
+
+
+def _family(b: dict) -> str:
+    """The group without its batch size: the rows of one throughput-vs-batch line."""
+    extra = b.get("extra_info") or {}
+    if extra.get("family") or extra.get("kind"):
+        return str(extra.get("family") or extra.get("kind"))
+    if b.get("group"):
+        return re.sub(r"[-_ ,]*\b(b|batch[ =]?)\d+\b", "", str(b["group"])).strip() or "all"
+    skip = _PROVIDER_PARAMS + _BATCH_PARAMS
+    params = {k: v for k, v in (b.get("params") or {}).items() if k not in skip}
     base = b["name"].split("[", 1)[0]
     return base + ("[" + ", ".join(f"{k}={v}" for k, v in params.items()) + "]" if params else "")
 
@@ -170,6 +183,7 @@ def _row(suite: str, b: dict, baseline_re: str) -> dict[str, Any]:
     return {
         "suite": suite,
         "group": _group(b),
+        "family": _family(b),
         "name": b["name"],
         "provider": provider,
         "role": role,
@@ -281,6 +295,7 @@ def markdown(suite: str, meta: dict, rows: list[dict], ratios: list[dict], png: 
 def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict]) -> bool:
     """Throughput vs batch and speed-up bars; False when there is nothing to draw."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -288,8 +303,7 @@ def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
         if r["items"] and r["items_per_s"]:
-            family = r["extra_info"].get("kind") or re.sub(r"[-_ ]?(b|batch ?)\d+$", "", r["group"])
-            series[(family, r["provider"])].append((r["items"], r["items_per_s"]))
+            series[(r["family"], r["provider"])].append((r["items"], r["items_per_s"]))
     series = {k: sorted(v) for k, v in series.items() if len({b for b, _ in v}) >= 2}
     bars = [r for r in ratios if r["role"] == "ours"]
     if not bars:  # no row of ours in this suite (e.g. GPU-only kernels on a CPU): vs LAION
@@ -305,6 +319,7 @@ def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict
                 ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel("batch")
             ax.set_ylabel(f"{rows[0]['item_unit']}/s (median)")
             ax.set_title("throughput vs batch")
@@ -318,6 +333,8 @@ def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict
             ax.set_yticks(range(len(values)), labels, fontsize=6)
             ax.axvline(1.0, color="k", lw=0.8)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("speed-up (baseline median / median)")
             ax.set_title("speed-up over baselines")
             ax.invert_yaxis()
