@@ -29,11 +29,12 @@ over its windows in registers and writes one (N x N) partial per (program, head)
 sums the partials over programs and reduces each relative offset through a fixed gather
 (``_rel_gather``), so two backward passes give bit-identical gradients.
 
-Supported: head dim <= 128 (24, 32, 64 in HTS-AT; 24 is padded to 32), window 4 or 8 (N a
+Supported: head dim <= 64 (24, 32, 64 in HTS-AT; 24 is padded to 32; 128 would need more
+shared memory than an H100 has in the fp32 backward), window 4 or 8 (N a
 power of two >= 16), 0 <= shift < window, H and W multiples of the window, fp32 / fp16 / bf16
 qkv (loaded and computed in fp32, one cast on store), bias table of any float dtype.
-fp32 inputs use IEEE fp32 dot products; fp16/bf16 inputs use TF32 (exact for their operands;
-P and dS are rounded to TF32 inside the dots, as in FlashAttention). Not supported: attention
+fp32 inputs use IEEE fp32 dot products; fp16/bf16 inputs use TF32 (k, v, dO hold exactly;
+q * scale, P and dS are rounded to TF32 inside the dots, like the bf16 P of FlashAttention). Not supported: attention
 masks other than the Swin shift mask, dropout, non-square windows, double backward.
 Runs under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors.
 """
@@ -420,7 +421,7 @@ def window_attention(
     Args:
         qkv: (B, H, W, 3C) fp32/fp16/bf16, H and W multiples of window_size, channel stride 1.
         bias_table: ((2w-1)^2, num_heads) relative-position bias table, any float dtype.
-        num_heads: heads; C must be a multiple of it, head dim <= 128.
+        num_heads: heads; C must be a multiple of it, head dim <= 64.
         window_size: w, 4 or 8 (8 in HTS-AT).
         shift_size: 0 <= shift < w (cyclic shift with LAION's -100 region mask).
         scale: q scale, default head_dim ** -0.5.
@@ -441,8 +442,8 @@ def window_attention(
         raise ValueError(f"window_size must be 4 or 8, got {window_size}")
     if not 0 <= shift_size < window_size:
         raise ValueError(f"shift_size must be in [0, {window_size}), got {shift_size}")
-    if c // num_heads > 128:
-        raise ValueError(f"head dim {c // num_heads} > 128 is not supported")
+    if c // num_heads > 64:
+        raise ValueError(f"head dim {c // num_heads} > 64 is not supported")
     if bias_table.shape != ((2 * window_size - 1) ** 2, num_heads):
         raise ValueError(f"bias_table shape {tuple(bias_table.shape)} does not match w, heads")
     if qkv.stride(-1) != 1:

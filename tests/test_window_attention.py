@@ -162,11 +162,12 @@ def test_rel_gather_matches_index_add(window):
         (dict(num_heads=5, window_size=8), "heads"),
         (dict(num_heads=2, window_size=6), "multiple of window|window_size"),
         (dict(num_heads=2, window_size=8, shift_size=8), "shift_size"),
+        (dict(num_heads=1, window_size=8), "head dim"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, match):
-    qkv = torch.randn(1, 8, 8, 3 * 48)
-    table = torch.randn(225, 2)
+    qkv = torch.randn(1, 8, 8, 3 * 96)
+    table = torch.randn(225, kwargs["num_heads"])
     with pytest.raises(ValueError, match=match):
         window_attention(qkv, table, **kwargs)
 
