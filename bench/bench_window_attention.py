@@ -15,7 +15,8 @@ GEMMs for all providers):
   sdpa          F.scaled_dot_product_attention with a materialised (B*nW, heads, N, N) bias+mask
   flex          FlexAttention over each image's windows as one sequence: score_mod adds the
                 table entry and the -100 mask, a block mask keeps attention inside a window
-                (compiled on GPU; forward only on the CPU, which has no flex backward)
+                (the whole provider compiled on GPU, so its roll/partition copies fuse; eager
+                and forward only on the CPU, which has no flex backward)
 
 GPU: the four HTS-AT-tiny stage shapes at batch 128 in bf16. CPU: one small fp32 shape so the
 file finishes in a minute or two. extra_info records ms, TFLOP/s, effective GB/s (q, k, v, o
@@ -150,7 +151,6 @@ def _make_flex(h: int, w: int, heads: int, shift: int, device: str) -> Callable:
         return q_idx // n == kv_idx // n
 
     block_mask = create_block_mask(same_window, None, None, seq, seq, device=device)
-    flex = torch.compile(flex_attention) if device == "cuda" else flex_attention
 
     def run(qkv, table):
         c = qkv.shape[-1] // 3
@@ -166,10 +166,12 @@ def _make_flex(h: int, w: int, heads: int, shift: int, device: str) -> Callable:
                 score = torch.where(masked, score - 100.0, score)
             return score
 
-        o = flex(x[0], x[1], x[2], score_mod=score_mod, block_mask=block_mask)
+        o = flex_attention(x[0], x[1], x[2], score_mod=score_mod, block_mask=block_mask)
         return _unwindow(o.transpose(1, 2).reshape(-1, n, c), h, w, shift)
 
-    return run
+    # FlexAttention is only fused under torch.compile; compiling the whole provider (score_mod
+    # defined inside, the table a graph input) avoids a recompile per closure.
+    return torch.compile(run, dynamic=False) if device == "cuda" else run
 
 
 @functools.cache
