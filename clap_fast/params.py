@@ -62,7 +62,8 @@ class TrainConfig:
     clip_samples: int | None = None
     """Override the model's clip length in samples (default: the config's, 480000 = 10 s)."""
     zeroshot_folder: str | None = None
-    """A folder of ``<label>/<file>.flac|wav`` for zero-shot accuracy at evaluation."""
+    """A folder of ``<label>/<file>.flac|wav`` (+ optional ``classnames.json``, ``{label: words}``)
+    for zero-shot accuracy at evaluation."""
     zeroshot_template: str = "This is a sound of {}."
     """Prompt template of zero-shot classification."""
     resample_method: str = "None"

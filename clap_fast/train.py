@@ -458,9 +458,9 @@ def _embed_all(
         if not _agree(b is not None, d, op="max"):
             break
         x = _to(b, d.device) if b is not None else template
-        n, m = x["input_ids"].shape[0], x["input_ids"].shape[0]
-        n = (x.get("waveform") if "waveform" in x else x["mel_fusion"]).shape[0]
-        cap = max(m, bs * 5)
+        m = x["input_ids"].shape[0]
+        n = (x["waveform"] if "waveform" in x else x["mel_fusion"]).shape[0]
+        cap = bs * -(-m // bs)  # captions padded to a multiple of the batch: few static shapes
         out = _forward(model, _pad_batch(x, bs, cap))
         if b is not None:
             audio.append(out["audio_features"][:n].float().cpu())
@@ -539,7 +539,11 @@ def _eval_template(model_cfg: Any, cfg: TrainConfig, d: Dist) -> dict[str, torch
 
 
 def _zero_shot(cfg: TrainConfig, model: nn.Module, model_cfg: Any, d: Dist) -> dict[str, float]:
-    """Top-1/5 zero-shot accuracy on ``<folder>/<label>/<file>``: first 10 s of each file."""
+    """Top-1/5 zero-shot accuracy on ``<folder>/<label>/<file>``: first 10 s of each file.
+
+    The prompt names a class by ``<folder>/classnames.json`` (``{label: words}``) when present,
+    else by its folder name with underscores as spaces.
+    """
     from clap_fast import metrics
     from clap_fast.audio import fill, int16_round_trip, load_audio
     from clap_fast.text import get_tokenizer
@@ -550,9 +554,12 @@ def _zero_shot(cfg: TrainConfig, model: nn.Module, model_cfg: Any, d: Dist) -> d
         f for lab in labels for f in (root / lab).iterdir() if f.suffix.lower() in (".flac", ".wav")
     )
     mine = files[d.rank :: d.world]
-    tok = get_tokenizer(model_cfg.text)(
-        [cfg.zeroshot_template.format(lab.replace("_", " ")) for lab in labels]
-    )
+    names_file = root / "classnames.json"
+    names = json.loads(names_file.read_text()) if names_file.exists() else {}
+    prompts = [
+        cfg.zeroshot_template.format(names.get(lab, lab.replace("_", " "))) for lab in labels
+    ]
+    tok = get_tokenizer(model_cfg.text)(prompts)
     clip = model_cfg.audio.clip_samples
 
     def batches():
@@ -850,6 +857,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                     "train/samples_per_s": sps, "train/audio_seconds_per_s": window["seconds"] / dt,
                     "train/data_wait_fraction": window["wait"] / dt,
                 }  # fmt: skip
+                vals["train/tflops_per_s_per_rank"] = 3 * flops * sps / d.world / 1e12
                 if peak:
                     vals["train/mfu"] = 3 * flops * sps / d.world / peak
                 log.info(

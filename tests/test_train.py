@@ -68,6 +68,7 @@ def data(tmp_path_factory) -> Path:
         root, "synth", {"train": 128, "test": 32}, shard_size=32, duration=1.0, progress=False
     )
     synth.write_folder(root / "folder", 32, duration=1.0, split="test")
+    (root / "folder" / "classnames.json").write_text(json.dumps(synth.CLASS_NAMES))
     return root
 
 
@@ -93,7 +94,7 @@ def test_fsdp2_two_process_learns(reference: Path) -> None:
     assert ev["synth/text_to_audio_R@10"] >= 0.6, ev
     assert ev["synth/audio_to_text_R@10"] >= 0.6, ev
     assert ev["synth/5cap_text_to_audio_R@10"] >= 0.6, ev
-    assert ev["zeroshot/top1"] > 1 / 8 + 0.15, ev
+    assert ev["zeroshot/top1"] >= 0.25, ev  # 8 classes: chance 1/8
     assert json.loads((reference / "params.json").read_text())["parallel"] == "fsdp"
     # the exported LAION-layout file loads into a model
     import clap_fast
