@@ -119,8 +119,10 @@ def _import_laion():
             sys.modules[name] = stub
     if importlib.util.find_spec("h5py") is None:
         sys.modules["h5py"] = types.ModuleType("h5py")  # imported by its utils, unused here
-    from laion_clap.clap_module import factory, model
-
+    try:
+        from laion_clap.clap_module import factory, model
+    except ImportError as exc:  # e.g. a transformers version it predates
+        pytest.skip(f"laion_clap's modules do not import here: {exc}")
     return factory, model
 
 
@@ -190,9 +192,8 @@ def audio_fn(provider: str, batch: int):
     x = audio_batch(batch)
     if provider in ("clap_fast", "clap_fast_compiled", "clap_fast_bf16"):
         model = cf_compiled() if provider == "clap_fast_compiled" else cf_model()
-        if provider == "clap_fast_bf16":
-            return lambda: _autocast(lambda: model.embed_audio(x, SR, batch_size=batch))
-        return lambda: model.embed_audio(x, SR, batch_size=batch)
+        amp = torch.bfloat16 if provider == "clap_fast_bf16" else None
+        return lambda: model.embed_audio(x, SR, batch_size=batch, autocast=amp)
     if provider == "laion_clap":
         model = laion_model()
 
