@@ -170,6 +170,9 @@ def freeze(cfg: TrainConfig, model: CLAP) -> None:
             m.requires_grad_(False)
         if model.text_type == "transformer":
             model.positional_embedding.requires_grad_(False)
+    for name in ("tscam_conv", "head"):  # the AudioSet classifier: off the embedding path
+        if hasattr(model.audio_branch, name):
+            getattr(model.audio_branch, name).requires_grad_(False)
     if not cfg.clap_mlploss:
         for m in (model.audio_transform, model.text_transform):
             m.requires_grad_(False)
@@ -193,7 +196,9 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
         if d.world == 1:
             return model
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.device.index] if cuda else None
+            model,
+            device_ids=[d.device.index] if cuda else None,
+            find_unused_parameters=model.text_type == "bart",  # BART's decoder output is unused
         )
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
