@@ -46,7 +46,8 @@ HBM roofline on the minimal bytes is not reachable with a direct DFT. A two-stag
 factorisation of the 1024-point transform (5x fewer FLOP) is the next step for throughput.
 
 Limits: waveform (B, L), any B >= 1, any L >= 1, float (loaded and computed as fp32; float64 is
-computed in fp32, unlike the reference) or int16 (read as x / 32767). n_fft even and >= 32, hop
+computed in fp32, unlike the reference) or int16 (read as x / 32767). n_fft a power of two
+>= 32 (the frequency and sample tiles divide it; no masks on those axes), hop
 >= 1, n_mels <= 256. Output (B, T, n_mels) float32, T = L // hop + 1; HTS-AT's (B, 1, T, n_mels)
 is ``out[:, None]`` (a view). NaN samples propagate like in the reference: every frame that
 touches a NaN sample is NaN in all its mel bins (``max(x, amin)`` is written so NaN survives).
@@ -69,6 +70,27 @@ PRECISIONS = {"exact": "ieee", "fast": "tf32x3"}
 _TEN_OVER_LOG2_10 = tl.constexpr(
     10.0 / 3.321928094887362
 )  # 10 * log10(x) = _TEN_OVER_LOG2_10 * log2(x)
+
+
+@triton.jit
+def _load_samples(
+    wave_row, idx, mask, length, period, stride_wave_l, SINGLE_REFLECT: tl.constexpr,
+    IS_INT16: tl.constexpr,
+):  # fmt: skip
+    """Samples at padded-signal indices ``idx`` (any shape), reflect-mapped, as fp32."""
+    if SINGLE_REFLECT:
+        # L > n_fft // 2: one reflection at each end is enough (and cheaper than a mod).
+        j = tl.where(idx < 0, -idx, idx)
+        j = tl.where(j >= length, period - j, j)
+    else:
+        # Short clip: the reflection repeats (period 2 (L - 1); period 1 when L == 1).
+        j = idx % period
+        j = tl.where(j < 0, j + period, j)
+        j = tl.where(j >= length, period - j, j)
+    x = tl.load(wave_row + j * stride_wave_l, mask=mask, other=0.0).to(tl.float32)
+    if IS_INT16:
+        x = x / 32767.0
+    return x
 
 
 @triton.jit
@@ -123,47 +145,41 @@ def _log_mel_kernel(
     start = offs_t * hop - HALF  # first padded-signal index of each frame, (BLOCK_T,)
 
     mel = tl.zeros((BLOCK_T, N_MELS_PAD), dtype=tl.float32)
+    nyq = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for f0 in range(0, HALF, BLOCK_F):
         f = f0 + offs_f
-        # -sin column 0 is zero: read the Nyquist cos column (index HALF) there instead.
-        col_im = tl.where(f == 0, HALF, HALF + 1 + f)
         re = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
         im = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
-        for k0 in range(0, N_FFT, BLOCK_K):
-            k = k0 + offs_k
-            idx = start[:, None] + k[None, :]
-            if SINGLE_REFLECT:
-                # L > n_fft // 2: one reflection at each end is enough (and cheaper than a mod).
-                j = tl.where(idx < 0, -idx, idx)
-                j = tl.where(j >= length, period - j, j)
-            else:
-                # Short clip: the reflection repeats (period 2 (L - 1); period 1 when L == 1).
-                j = idx % period
-                j = tl.where(j < 0, j + period, j)
-                j = tl.where(j >= length, period - j, j)
-            x = tl.load(wave_row + j * stride_wave_l, mask=mask_t[:, None], other=0.0)
-            x = x.to(tl.float32)
-            if IS_INT16:
-                x = x / 32767.0
-            cos = tl.load(basis_ptr + k[:, None] * stride_basis_n + f[None, :] * stride_basis_f)
-            sin = tl.load(
-                basis_ptr + k[:, None] * stride_basis_n + col_im[None, :] * stride_basis_f
-            )
-            re = tl.dot(x, cos.to(tl.float32), re, input_precision=INPUT_PRECISION)
-            im = tl.dot(x, sin.to(tl.float32), im, input_precision=INPUT_PRECISION)
-        fb_re = tl.load(
+        nyq = tl.zeros((BLOCK_T,), dtype=tl.float32)  # the same in every f chunk; keep the last
+        for k0 in range(0, HALF, BLOCK_K):
+            # Folded frame: n = 1 .. HALF pairs with N - n (w[0] = 0, so n = 0 drops out).
+            n = 1 + k0 + offs_k
+            x_a = _load_samples(
+                wave_row, start[:, None] + n[None, :], mask_t[:, None], length, period,
+                stride_wave_l, SINGLE_REFLECT, IS_INT16,
+            )  # fmt: skip
+            x_b = _load_samples(
+                wave_row, start[:, None] + (N_FFT - n)[None, :],
+                mask_t[:, None] & (n < HALF)[None, :], length, period, stride_wave_l,
+                SINGLE_REFLECT, IS_INT16,
+            )  # fmt: skip
+            even = x_a + x_b  # (BLOCK_T, BLOCK_K)
+            odd = x_a - x_b
+            rows = basis_ptr + n[:, None] * stride_basis_n
+            cos = tl.load(rows + f[None, :] * stride_basis_f).to(tl.float32)
+            sin = tl.load(rows + (HALF + 1 + f)[None, :] * stride_basis_f).to(tl.float32)
+            re = tl.dot(even, cos, re, input_precision=INPUT_PRECISION)
+            im = tl.dot(odd, sin, im, input_precision=INPUT_PRECISION)
+            c_nyq = tl.load(basis_ptr + n * stride_basis_n + HALF * stride_basis_f)
+            nyq += tl.sum(even * c_nyq.to(tl.float32)[None, :], axis=1)
+        fb = tl.load(
             fb_ptr + f[:, None] * stride_fb_f + offs_m[None, :] * stride_fb_m,
             mask=mask_m[None, :],
             other=0.0,
         ).to(tl.float32)
-        row_im = tl.where(f == 0, HALF, f)  # fb row of the Nyquist bin packed into column 0
-        fb_im = tl.load(
-            fb_ptr + row_im[:, None] * stride_fb_f + offs_m[None, :] * stride_fb_m,
-            mask=mask_m[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        mel = tl.dot(re * re, fb_re, mel, input_precision=INPUT_PRECISION)
-        mel = tl.dot(im * im, fb_im, mel, input_precision=INPUT_PRECISION)
+        mel = tl.dot(re * re + im * im, fb, mel, input_precision=INPUT_PRECISION)
+    fb_nyq = tl.load(fb_ptr + HALF * stride_fb_f + offs_m * stride_fb_m, mask=mask_m, other=0.0)
+    mel += (nyq * nyq)[:, None] * fb_nyq.to(tl.float32)[None, :]
 
     # 10 log10(max(mel, amin)): the clamp value is exact (floor_db = 10 log10(amin) from the
     # host, so silence is exactly -100 dB), and NaN survives (NaN < amin is False; tl.maximum
@@ -192,14 +208,16 @@ def _launch_config(n_frames: int, n_fft: int, precision: str) -> dict[str, int]:
     if _interpreting():
         # A program costs milliseconds of Python: one DFT chunk, one K chunk, big frame tiles.
         block_t = max(16, min(128, triton.next_power_of_2(n_frames)))
-        return dict(BLOCK_T=block_t, BLOCK_F=n_fft // 2, BLOCK_K=n_fft, num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_T=block_t, BLOCK_F=n_fft // 2, BLOCK_K=n_fft // 2, num_warps=4, num_stages=1
+        )
     # Every tile reads the whole basis (4 MB) from L2: bigger tiles keep the tensor cores fed.
     block_t = 128 if precision == "fast" else 64
     block_t = max(16, min(block_t, triton.next_power_of_2(n_frames)))
     return dict(
         BLOCK_T=block_t,
         BLOCK_F=min(64, n_fft // 2),
-        BLOCK_K=min(32, n_fft),
+        BLOCK_K=min(32, n_fft // 2),
         num_warps=4 if block_t <= 64 else 8,
         num_stages=2,
     )
@@ -229,8 +247,8 @@ def log_mel_forward(
         raise ValueError(f"waveform must be (B, L), got shape {tuple(waveform.shape)}")
     if not (waveform.is_floating_point() or waveform.dtype == torch.int16):
         raise TypeError(f"waveform must be float or int16, got {waveform.dtype}")
-    if n_fft % 2 or n_fft < 32:
-        raise ValueError(f"the Triton mel kernel needs an even n_fft >= 32, got {n_fft}")
+    if n_fft < 32 or n_fft & (n_fft - 1):
+        raise ValueError(f"the Triton mel kernel needs a power-of-two n_fft >= 32, got {n_fft}")
     if not amin > 0:
         raise ValueError(f"amin must be > 0, got {amin}")
     if hop_length < 1:
