@@ -94,6 +94,8 @@ def _peak_extra_mib(step, device: torch.device) -> float | None:
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_contrastive_fwd_bwd(benchmark, provider, N):
     device = torch.device("cuda" if HAS_GPU else "cpu")
+    if benchmark.disabled and N > SIZES[0]:
+        pytest.skip("smoke run (--benchmark-disable): smallest size only")
     if provider == "triton" and not HAS_GPU:
         pytest.skip("triton provider needs a CUDA GPU")
     if provider == "naive_compiled" and not HAS_GPU and N > 4096:
