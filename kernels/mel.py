@@ -8,20 +8,25 @@ Math, per clip ``x`` of ``L`` samples (identical to ``mel_ref``; ``H = n_fft // 
     mel[t, m] = sum_f (re^2 + im^2)[t, f] * fb[f, m]
     out[t, m] = 10 * log10(max(mel, amin)) * scale[m] + shift[m]          (affine optional)
 
-What one program computes: ``BLOCK_T`` consecutive frames of one clip, all ``n_mels`` outputs.
-It loops over the frequencies in chunks of ``BLOCK_F`` bins; for each chunk it loops over the
-``n_fft`` frame samples in chunks of ``BLOCK_K``, gathers the (BLOCK_T, BLOCK_K) frame tile with
-reflect indices straight from the waveform (no padded copy, no frame matrix in memory; after the
-first chunk the tile comes from L1/L2), and accumulates two ``tl.dot``s against the windowed
-cos / -sin basis (``mel_ref.dft_basis``). The power of the chunk is folded into the mel
-accumulator (BLOCK_T, N_MELS_PAD) with two more ``tl.dot``s. Only n_mels floats per frame are
-written: each sample is read from HBM about n_fft / hop ~ 2 times, the spectrum never leaves
-registers.
+Folding (half the FLOP): the periodic Hann window is symmetric (w[N - n] = w[n]) and w[0] = 0,
+so with e[n] = x[n] + x[N - n] and o[n] = x[n] - x[N - n] (x[N] := 0, n = 1 .. H)::
 
-Nyquist packing: the -sin columns of bin 0 and bin H are identically zero, so the kernel loads
-the Nyquist cos column in place of -sin column 0, and filterbank row H in place of row 0 for the
-imaginary part. The H + 1 bins then fill exactly H columns (power-of-two tiles; no 513th column
-that would cost a whole extra chunk): mel = re^2 @ fb[0:H] + im^2 @ fb'[0:H] with fb'[0] = fb[H].
+    re[t, f] =  sum_{n=1..H} e[t, n] * w[n] * cos(2 pi n f / N)
+    im[t, f] = -sum_{n=1..H} o[t, n] * w[n] * sin(2 pi n f / N)
+
+The contraction runs over H samples instead of N. Bins 0 .. H - 1 go through the matmuls; the
+Nyquist bin H (im = 0) is its own row reduction, sum_n e[t, n] * w[n] * (-1)^n.
+
+What one program computes: ``BLOCK_T`` consecutive frames of one clip, all ``n_mels`` outputs.
+It loops over the bins 0 .. H - 1 in chunks of ``BLOCK_F``; for each chunk it loops over
+n = 1 .. H in chunks of ``BLOCK_K``, gathers the two (BLOCK_T, BLOCK_K) sample tiles x[n] and
+x[N - n] with reflect indices straight from the waveform (no padded copy, no frame matrix in
+memory; after the first chunk the tiles come from L1/L2), and accumulates two ``tl.dot``s
+against rows 1 .. H of the windowed basis (``mel_ref.dft_basis``: [cos | -sin] times Hann).
+The chunk's power goes into the mel accumulator (BLOCK_T, N_MELS_PAD) with one more ``tl.dot``;
+the Nyquist power times filterbank row H is added at the end. Only n_mels floats per frame are
+written; each sample is read from HBM about n_fft / hop ~ 2 times; the spectrum never leaves
+registers.
 
 Precision (``precision=``):
   * ``"exact"`` (default): fp32 loads, fp32 ``tl.dot`` with ``input_precision="ieee"`` (plain
@@ -32,7 +37,8 @@ Precision (``precision=``):
   * ``"fast"``: ``input_precision="tf32x3"``: each fp32 operand is split into two TF32 parts and
     three TF32 tensor-core products are summed (fp32 accumulation), so the DFT runs on tensor
     cores (H100: 495 dense TF32 TFLOP/s / 3 vs 67 fp32 FMA TFLOP/s) at close to fp32 accuracy.
-    Emulated on the CPU (inputs rounded as TF32, test_tf32x3_emulation_within_fast_budget):
+    Emulated on the CPU for the unfolded DFT (operands rounded as TF32,
+    test_tf32x3_emulation_within_fast_budget):
     ~2e-5 dB, far inside the 0.05 dB budget. Plain one-pass TF32 measured 0.053 dB in the same
     emulation on a two-tone clip (bins near -50 dB from the peak), and bf16 ~0.4 dB: both over
     the 0.05 dB budget, so neither is offered. If GPU runs confirm the emulation, "fast" could
@@ -40,10 +46,14 @@ Precision (``precision=``):
   The interpreter ignores ``input_precision`` (numpy fp32 matmul), so "fast" is only really
   tested on a GPU.
 
-Cost and roofline: the direct DFT is 2 * n_fft^2 FLOP per frame (2.1 GFLOP per 10 s clip) for
-~2 MB of input, so the kernel is compute-bound (fp32 FMA in exact mode, TF32 in fast mode); the
-HBM roofline on the minimal bytes is not reachable with a direct DFT. A two-stage 32 x 32
-factorisation of the 1024-point transform (5x fewer FLOP) is the next step for throughput.
+Cost and roofline (estimates, not measured: no GPU lent yet): 2 * 2 * H^2 FLOP per frame for
+the folded DFT plus 4 * H * n_mels for the mel, ~1.1 GFLOP per 10 s clip against 1.9 MB of
+fp32 input, so the kernel is compute-bound. H100 upper bounds: exact mode at the 67 TFLOP/s
+fp32 FMA peak ~170 audio-hours/s; fast mode at 495 / 3 TFLOP/s ~410 audio-hours/s. Issue 3's
+target (60 % of HBM, ~2,300 audio-hours/s) needs ~0.9 PFLOP/s with any direct DFT, so it is out
+of reach by construction; a two-stage 32 x 32 factorisation of the 1024-point transform
+(~5x fewer FLOP) is the next step. Measure torchaudio (cuFFT, memory-bound) before assuming a
+win in exact mode.
 
 Limits: waveform (B, L), any B >= 1, any L >= 1, float (loaded and computed as fp32; float64 is
 computed in fp32, unlike the reference) or int16 (read as x / 32767). n_fft a power of two
@@ -180,6 +190,12 @@ def _log_mel_kernel(
         mel = tl.dot(re * re + im * im, fb, mel, input_precision=INPUT_PRECISION)
     fb_nyq = tl.load(fb_ptr + HALF * stride_fb_f + offs_m * stride_fb_m, mask=mask_m, other=0.0)
     mel += (nyq * nyq)[:, None] * fb_nyq.to(tl.float32)[None, :]
+    # Sample n = 0 has weight w[0] = 0 and is dropped by the folding, but in the reference a NaN
+    # or inf there still poisons its frame (x * 0 = NaN): keep that behaviour.
+    x_0 = _load_samples(
+        wave_row, start, mask_t, length, period, stride_wave_l, SINGLE_REFLECT, IS_INT16
+    )
+    mel += (x_0 * 0.0)[:, None]
 
     # 10 log10(max(mel, amin)): the clamp value is exact (floor_db = 10 log10(amin) from the
     # host, so silence is exactly -100 dB), and NaN survives (NaN < amin is False; tl.maximum
