@@ -360,6 +360,70 @@ def test_ops_dispatch_reaches_the_kernel(banks, monkeypatch):
     assert_close_db((out - shift) / scale, ref, wave, banks["slaney"], db_tol=2e-3)
 
 
+def test_opcheck_interpreter(banks):
+    """torch.library.opcheck (schema, fake tensor, autograd registration) on the CPU op."""
+    wave = signal(2, 3000)
+    scale, shift = torch.rand(N_MELS) + 0.5, torch.randn(N_MELS)
+    for args in (
+        (wave, banks["htk"], None, None, N_FFT, HOP, 1e-10, "exact"),
+        (to_int16(wave), banks["slaney"], scale, shift, N_FFT, HOP, 1e-10, "fast"),
+    ):
+        torch.library.opcheck(torch.ops.clap_fast.log_mel.default, args)
+
+
+def test_traced_by_torch_compile(banks):
+    """The op traces under torch.compile (aot_eager: no C++ compile) as one opaque node."""
+    fb = banks["slaney"]
+
+    def front_end(x: torch.Tensor) -> torch.Tensor:
+        return mel.log_mel(x, fb)[:, None] * 2.0
+
+    wave = signal(2, 3000)
+    compiled = torch.compile(front_end, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(wave), front_end(wave))
+
+
+_AOT_SCRIPT = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.mel as K
+
+wave_dt, precision, single = sys.argv[1:]
+cfg = dict(K._launch_config(1001, 1024, precision))
+options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+consts = dict(N_FFT=1024, N_MELS=64, N_MELS_PAD=64, IS_INT16=wave_dt == "i16",
+              SINGLE_REFLECT=single == "1", HAS_SCALE=True, HAS_SHIFT=True,
+              INPUT_PRECISION=K.PRECISIONS[precision], **cfg)
+fn = K._log_mel_kernel
+sig = {n: "constexpr" if n in consts else ("*" + wave_dt if n == "wave_ptr" else "*fp32")
+       if n.endswith("_ptr") else "fp32" if n in ("amin", "floor_db") else "i32"
+       for n in fn.arg_names}
+src = ASTSource(fn=fn, signature=sig,
+                constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("config", [("fp32", "exact", 1), ("i16", "fast", 0)], ids=str)
+def test_compiles_for_sm90_without_a_gpu(config):
+    """PTX + ptxas for an H100 with the GPU launch config: GPU-only compile errors on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", _AOT_SCRIPT, *map(str, config)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # --- GPU only -----------------------------------------------------------------------------------
 
 
