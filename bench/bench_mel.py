@@ -21,6 +21,7 @@ second, effective GB/s on the minimal bytes (fp32 input + fp32 output), % of the
 reference over the bins within 50 dB of each clip's peak (recorded, not asserted).
 """
 
+import functools
 import math
 import platform
 import subprocess
@@ -58,7 +59,9 @@ def hbm_tbps(name: str) -> float | None:
     return next((tb for key, tb in HBM_TBPS.items() if key in name), None)
 
 
+@functools.cache
 def commit() -> str:
+    """The checkout's HEAD, read once per session (others may commit while the suite runs)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
