@@ -204,8 +204,8 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
     if cfg.use_bn_sync and d.world > 1:
         model.audio_branch.bn0 = GlobalBatchNorm2d.from_bn(model.audio_branch.bn0)
     model.to(d.device)
-    if d.world == 1 and cfg.parallel == "fsdp" and not bf16:
-        return model  # one process: nothing to shard
+    if d.world == 1:
+        return model  # one process: nothing to shard (bf16 then runs under autocast)
     if cfg.parallel == "ddp":
         if d.world == 1:
             return model
@@ -730,6 +730,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     freeze(cfg, model)
     flops = _flops_per_sample(model, model_cfg)
     wrapped = parallelize(cfg, model, d)
+    # bf16 on the GPU: FSDP2's mixed-precision policy when sharded, autocast for DDP / one GPU.
+    bf16 = d.device.type == "cuda" and cfg.precision != "fp32"
+    autocast = bf16 and (d.world == 1 or cfg.parallel == "ddp")
     opt = build_optimizer(cfg, wrapped, d)
     loss_fn = ClipLoss(cfg.local_loss, cfg.gather_with_grad, cfg.clap_mlploss, d.rank, d.world)
 
@@ -846,11 +849,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             for g in opt.param_groups:
                 g["lr"] = lr
             x = _to(batch, d.device)
-            out = _forward(wrapped, x)
-            loss = loss_fn(
-                out["audio_features"].float(), out["text_features"].float(), out["logit_scale_a"].float(),
-                out["logit_scale_t"].float(), out["audio_features_mlp"].float(), out["text_features_mlp"].float(),
-            )  # fmt: skip
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                out = _forward(wrapped, x)
+            with torch.autocast(d.device.type, enabled=False):  # the loss in fp32
+                loss = loss_fn(
+                    out["audio_features"].float(), out["text_features"].float(), out["logit_scale_a"].float(),
+                    out["logit_scale_t"].float(), out["audio_features_mlp"].float(), out["text_features_mlp"].float(),
+                )  # fmt: skip
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
