@@ -354,6 +354,18 @@ def save_checkpoint(
     step = meta["step"]
     final = ckpt_dir / (f"latest_{step:08d}" if name == "epoch_latest" else name)
     tmp = ckpt_dir / f".tmp_{final.name}"
+    if name == "epoch_latest" and _agree(final.exists() if d.main else True, d):
+        # Same step already saved (e.g. a step checkpoint at an epoch's end): the weights and
+        # optimiser are identical; swap in the new RNG states and meta, each file atomically.
+        torch.save(_rng_state(), final / f"rng_{d.rank}.pt.tmp")
+        os.replace(final / f"rng_{d.rank}.pt.tmp", final / f"rng_{d.rank}.pt")
+        _barrier(d)
+        if d.main:
+            (final / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+            os.replace(final / "meta.json.tmp", final / "meta.json")
+            _point_latest(ckpt_dir, final)
+        _barrier(d)
+        return ckpt_dir / name
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -367,16 +379,21 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         if name == "epoch_latest":
-            link = ckpt_dir / "epoch_latest"
-            old = link.resolve() if link.is_symlink() else None
-            tmp_link = ckpt_dir / ".epoch_latest.tmp"
-            tmp_link.unlink(missing_ok=True)
-            tmp_link.symlink_to(final.name)
-            os.replace(tmp_link, link)
-            if old is not None and old != final.resolve() and old.exists():
-                shutil.rmtree(old)
+            _point_latest(ckpt_dir, final)
     _barrier(d)
     return ckpt_dir / name
+
+
+def _point_latest(ckpt_dir: Path, final: Path) -> None:
+    """Swap the ``epoch_latest`` symlink to ``final`` (atomic) and remove its old target."""
+    link = ckpt_dir / "epoch_latest"
+    old = link.resolve() if link.is_symlink() else None
+    tmp_link = ckpt_dir / ".epoch_latest.tmp"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(final.name)
+    os.replace(tmp_link, link)
+    if old is not None and old != final.resolve() and old.exists():
+        shutil.rmtree(old)
 
 
 def load_checkpoint_into(
