@@ -224,7 +224,7 @@ def _fmt(x: Any, spec: str = "{:.4g}") -> str:
     if x is None:
         return "—"
     if isinstance(x, float):
-        return spec.format(x)
+        return f"{x:.0f}" if abs(x) >= 1000 and spec == "{:.4g}" else spec.format(x)
     return str(x)
 
 
@@ -258,7 +258,7 @@ def markdown(suite: str, meta: dict, rows: list[dict], ratios: list[dict], png: 
     lines += [f"- {k}: {v}" for k, v in prov if v is not None]
     lines += [
         "",
-        "Times are per call (all rounds stored in the JSON): median, p20 and p80 in ms. "
+        "Times are per call (all rounds stored in the JSON): median, p20, p80 and min in ms. "
         "`× base` = the baseline's median / this row's median (> 1: faster than that baseline).",
         "",
     ]
@@ -268,16 +268,18 @@ def markdown(suite: str, meta: dict, rows: list[dict], ratios: list[dict], png: 
         groups[r["group"]].append(r)
     for group, members in groups.items():
         bases = [m["provider"] for m in members if m["role"] == "baseline"]
-        metrics = [m for m in _METRICS if any(m[0] in r["extra_info"] for r in members)]
+        metrics = [
+            m for m in _METRICS if any(r["extra_info"].get(m[0]) is not None for r in members)
+        ]
         has_agree = any(_agreement(r["extra_info"]) for r in members)
         unit = members[0]["item_unit"]
-        head = ["provider", "role", "items", "median ms", "p20 ms", "p80 ms", f"{unit}/s"]
+        head = ["provider", "role", "items", "median ms", "p20 ms", "p80 ms", "min ms", f"{unit}/s"]
         head += [h for _, h, _ in metrics] + [f"× {b}" for b in bases]
         head += ["agreement"] if has_agree else []
         lines += [f"## {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in sorted(members, key=lambda r: (r["role"] != "ours", r["median_ms"] or 0)):
             cells = [f"**{r['provider']}**" if r["role"] == "ours" else r["provider"], r["role"]]
-            cells += [_fmt(r["items"]), _fmt(r["median_ms"]), _fmt(r["p20_ms"]), _fmt(r["p80_ms"])]
+            cells += [_fmt(r[k]) for k in ("items", "median_ms", "p20_ms", "p80_ms", "min_ms")]
             cells += [_fmt(r["items_per_s"])]
             cells += [_fmt(r["extra_info"].get(k), f) for k, _, f in metrics]
             cells += [

@@ -105,7 +105,7 @@ def test_markdown_tables(results: Path, tmp_path: Path) -> None:
     report.main([str(results), "--out", str(tmp_path)])
     md = (tmp_path / "embed_cpu-2core_2026-11-24.md").read_text()
     assert "## embed_audio-b8" in md and "## embed_audio-b2" in md
-    assert "| provider | role | items | median ms | p20 ms | p80 ms | clips/s |" in md
+    assert "| provider | role | items | median ms | p20 ms | p80 ms | min ms | clips/s |" in md
     line = next(
         ln for ln in md.splitlines() if ln.startswith("| **clap_fast** |") and "| 8 |" in ln
     )
