@@ -7,6 +7,7 @@ every planted fault must be reported by name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -42,6 +43,35 @@ def _torchrun(args: list[str], tmp: Path, **kw) -> subprocess.Popen:
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "clap_fast.train", *args]
     return subprocess.Popen(cmd, env=_env(tmp), start_new_session=True, **kw)
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's process tree (children first found through /proc), pid included."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _kill9(p: subprocess.Popen) -> list[int]:
+    """kill -9 torchrun and every worker it started (workers live in their own sessions)."""
+    pids = _descendants(p.pid)
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    p.wait()
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _run(args: list[str], tmp: Path, timeout: float = 900) -> str:
@@ -110,6 +140,7 @@ def test_kill_and_resume_matches_uninterrupted(data: Path, reference: Path, tmp_
     args += ["--use-bn-sync", "--logdir", str(tmp_path), "--name", "run"]
     ckpt = tmp_path / "run" / "checkpoints"
     p = _torchrun(args, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
     try:  # kill -9 the whole job once a mid-run checkpoint (step >= 12: mid epoch 1) exists
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and p.poll() is None:
@@ -119,8 +150,9 @@ def test_kill_and_resume_matches_uninterrupted(data: Path, reference: Path, tmp_
             time.sleep(0.2)
         assert p.poll() is None, "the run ended before it could be killed"
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        pids = _kill9(p)
+    time.sleep(1)
+    assert len(pids) >= 3 and not [q for q in pids if _alive(q)], "processes survived kill -9"
     killed_at = json.loads((ckpt / "epoch_latest" / "meta.json").read_text())["step"]
     assert 12 <= killed_at < 32
     assert not (ckpt / "final_laion.pt").exists()
