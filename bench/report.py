@@ -45,6 +45,7 @@ COLUMNS = [
 BASELINE_RE = (
     r"laion|transformers|^hf$|torchaudio|nnaudio|librosa|sdpa|flex|open_clip|naive|^eager$|compiled"
 )
+MAX_STORED_ROUNDS = 100
 _BATCH_PARAMS = ("batch", "batch_size", "B", "N", "n", "b")
 _PROVIDER_PARAMS = ("provider", "backend", "impl")
 # extra_info fields worth a column when a suite has them: (key, header, format)
@@ -196,7 +197,8 @@ def _row(suite: str, b: dict, baseline_re: str) -> dict[str, Any]:
         "min_ms": ms(stats.get("min")),
         "rounds": len(data) or stats.get("rounds"),
         "items_per_s": round(items / med, 4) if items and med else None,
-        "data_ms": [round(x * 1e3, 4) for x in data],
+        # every round when there are few (files stay small); percentiles above use them all
+        "data_ms": [round(x * 1e3, 4) for x in data] if len(data) <= MAX_STORED_ROUNDS else None,
         "extra_info": {k: v for k, v in extra.items() if k != "env"},
     }
 
@@ -316,14 +318,16 @@ def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "tput":
+            units = {r["family"]: r["item_unit"] for r in rows}
             for (family, provider), pts in sorted(series.items()):
-                label = f"{provider} ({family})" if len({f for f, _ in series}) > 1 else provider
+                label = f"{provider} ({family}, {units[family]}/s)" if len(units) > 1 else provider
                 ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel("batch")
-            ax.set_ylabel(f"{rows[0]['item_unit']}/s (median)")
+            one_unit = len({units[f] for f, _ in series}) == 1
+            ax.set_ylabel(f"{rows[0]['item_unit'] if one_unit else 'items'}/s (median)")
             ax.set_title("throughput vs batch")
             ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
@@ -331,12 +335,14 @@ def plot(path: Path, suite: str, meta: dict, rows: list[dict], ratios: list[dict
             labels = [f"{r['group']}\n{r['provider']} vs {r['baseline']}" for r in bars]
             values = [r["speedup"] for r in bars]
             colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
-            ax.barh(range(len(values)), values, color=colors)
+            bars_h = ax.barh(range(len(values)), values, color=colors)
+            ax.bar_label(bars_h, labels=[f"{v:.2f}×" for v in values], fontsize=7, padding=2)
             ax.set_yticks(range(len(values)), labels, fontsize=6)
             ax.axvline(1.0, color="k", lw=0.8)
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            if max(values) / min(values) > 10:  # wide range: log axis
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g×"))
+            ax.set_xlim(right=max(values) * (1.6 if ax.get_xscale() == "log" else 1.15))
             ax.set_xlabel("speed-up (baseline median / median)")
             ax.set_title("speed-up over baselines")
             ax.invert_yaxis()
