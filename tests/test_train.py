@@ -133,7 +133,6 @@ def test_fsdp2_two_process_learns(reference: Path) -> None:
     assert model.cfg.audio.htsat.embed_dim == 8
 
 
-@pytest.mark.slow  # ~3 min on 2 cores (1.5 extra 2-process runs)
 def test_kill_and_resume_matches_uninterrupted(data: Path, reference: Path, tmp_path: Path) -> None:
     args = COMMON + ["--datasetpath", str(data), "--epochs", "4", "--val-frequency", "4"]
     args += ["--zeroshot-folder", str(data / "folder"), "--save-every-n-steps", "4"]
