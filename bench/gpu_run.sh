@@ -16,7 +16,7 @@
 #   pip download --no-deps -d .cache/bench-vendor laion_clap==1.1.7 torchlibrosa==0.1.0 \
 #       librosa==0.11.0 decorator pooch platformdirs
 #
-# Time budget (BUDGET_S, default 570 s): the GPU tests get at most 150 s, then each suite gets
+# Time budget (BUDGET_S, default 570 s): the GPU tests get at most 120 s, then each suite gets
 # at most its cap below and never more than what is left; a suite cut off by its timeout keeps
 # its log, and the others still run.
 set -u
@@ -75,10 +75,10 @@ EOF
 cat "$OUT/versions.txt"
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
-run_step gpu-tests 150 "${PYTEST[@]}" -m gpu tests --junitxml="$OUT/gpu-tests.xml"
+run_step gpu-tests 120 "${PYTEST[@]}" -m gpu tests --junitxml="$OUT/gpu-tests.xml"
 
 # Suites in order of importance, each with its own time cap (seconds).
-for entry in embed:120 window_attention:90 mel:60 contrastive:75 train:90 export:90; do
+for entry in embed:180 window_attention:90 mel:60 contrastive:75 train:90 export:90; do
   suite="${entry%%:*}" cap="${entry##*:}"
   [[ -f "bench/bench_$suite.py" ]] || continue
   run_step "bench_$suite" "$cap" "${PYTEST[@]}" "bench/bench_$suite.py" \
