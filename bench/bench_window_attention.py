@@ -203,15 +203,11 @@ def _provider(name: str, h: int, w: int, heads: int, shift: int) -> Callable:
 
         return run
     if name == "ref_compiled":
-        # torch 2.11's vectorised C++ codegen fails to compile the shifted reference on the CPU
-        # ("decltype evaluates to float", C++ compile error); scalar codegen works there.
-        options = None if HAS_CUDA else {"cpp.simdlen": 1}
         return torch.compile(
             functools.partial(
                 ref.window_attention, num_heads=heads, window_size=WINDOW, shift_size=shift
             ),
             dynamic=False,
-            options=options,
         )
     if name == "sdpa":
         return _make_sdpa(h, w, heads, shift, DEVICE)

@@ -38,7 +38,7 @@ def _relative_position_index_cpu(window_size: int) -> torch.Tensor:
 
 def relative_position_index(window_size: int, device: torch.device | None = None) -> torch.Tensor:
     """(w*w, w*w) int64: the standard Swin relative-position index into the bias table."""
-    return _relative_position_index_cpu(window_size).to(device)
+    return _relative_position_index_const(window_size).to(device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -59,11 +59,24 @@ def _shift_mask_cpu(height: int, width: int, window_size: int, shift_size: int) 
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 
 
+# assume_constant_result: torch.compile takes the cached tensors as constants instead of tracing
+# their construction (tracing the masked region fill made torch 2.11's vectorised CPU codegen
+# emit C++ that does not compile).
+@torch.compiler.assume_constant_result
+def _shift_mask_const(height: int, width: int, window_size: int, shift_size: int) -> torch.Tensor:
+    return _shift_mask_cpu(height, width, window_size, shift_size)
+
+
+@torch.compiler.assume_constant_result
+def _relative_position_index_const(window_size: int) -> torch.Tensor:
+    return _relative_position_index_cpu(window_size)
+
+
 def shift_mask(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
 ) -> torch.Tensor:
     """(nW, w*w, w*w) float32 additive mask of a shifted block: 0 inside a region, -100 across."""
-    return _shift_mask_cpu(height, width, window_size, shift_size).to(device)
+    return _shift_mask_const(height, width, window_size, shift_size).to(device)
 
 
 def _partition(x: torch.Tensor, w: int) -> torch.Tensor:
