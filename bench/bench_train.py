@@ -95,9 +95,6 @@ def test_train_step_cpu(benchmark, mode: str, monkeypatch) -> None:
     ).train()
     model.cfg.audio.clip_samples = 48000
     if mode == "compiled":
-        from clap_fast.train import _cpu_inductor_workaround
-
-        _cpu_inductor_workaround()
         _compile_blocks(model)
     with ops.use_backend("reference"):
         _run(benchmark, _step_fn(model, _batch(4, 48000, 77, 49408, "cpu"), bf16=False), 4)

@@ -136,26 +136,12 @@ def freeze(cfg: TrainConfig, model: CLAP) -> None:
         model.logit_scale_t.requires_grad_(False)
 
 
-def _cpu_inductor_workaround() -> None:
-    """Scalar C++ code for inductor on the CPU.
-
-    torch 2.11's vectorised CPU codegen emits uncompilable C++ (``decltype(float)::blendv``) for
-    the shifted-window Swin block (masked roll / pad of ``window_attention_ref``); ``simdlen = 1``
-    compiles it correctly, slower. GPU compilation is unaffected.
-    """
-    import torch._inductor.config as inductor_config
-
-    inductor_config.cpp.simdlen = 1
-
-
 def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
     """Compile per block, then FSDP2 per block / stage / text layer / root, or DDP."""
     cuda = d.device.type == "cuda"
     bf16 = cuda and cfg.precision in ("amp", "bf16", "amp_bf16", "amp_bfloat16")
     blocks = [b for layer in model.audio_branch.layers for b in getattr(layer, "blocks", [])]
     if cfg.compile:
-        if not cuda:
-            _cpu_inductor_workaround()
         for m in blocks + text_layers(model):
             m.compile(dynamic=False)
     if cfg.use_bn_sync and d.world > 1:
