@@ -142,7 +142,13 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
     bf16 = cuda and cfg.precision in ("amp", "bf16", "amp_bf16", "amp_bfloat16")
     blocks = [b for layer in model.audio_branch.layers for b in getattr(layer, "blocks", [])]
     if cfg.compile:
-        for m in blocks + text_layers(model):
+        units = blocks + text_layers(model)
+        # Swin blocks differ by stage (resolution, width, shift): each distinct block is its own
+        # compile, more than dynamo's default limit of 8, past which it silently runs eager.
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, len(units) + 8
+        )
+        for m in units:
             m.compile(dynamic=False)
     if cfg.use_bn_sync and d.world > 1:
         model.audio_branch.bn0 = GlobalBatchNorm2d.from_bn(model.audio_branch.bn0)
