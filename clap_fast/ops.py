@@ -36,6 +36,7 @@ __all__ = [
     "log_mel",
     "window_attention",
     "contrastive_loss",
+    "contrastive_loss_symmetric",
 ]
 
 BACKENDS = ("auto", "triton", "reference")
