@@ -56,3 +56,23 @@ def signals(n: int, length: int = 480000, sr: int = 48000, seed: int = 0) -> tor
             x = env * 0.3 * torch.randn(length, generator=g, dtype=torch.float64)
         out.append(x.float())
     return torch.stack(out)
+
+
+def run_sm90_aot(script: str, config: tuple) -> None:
+    """Run an ahead-of-time Triton compile script for an H100 (sm_90) in a subprocess without
+    TRITON_INTERPRET: catches GPU-only compile errors on a machine without a GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-c", script, *map(str, config)]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -409,19 +409,9 @@ assert compiled.asm["cubin"]
 @pytest.mark.parametrize("config", [("fp32", "exact", 1), ("i16", "fast", 0)], ids=str)
 def test_compiles_for_sm90_without_a_gpu(config):
     """PTX + ptxas for an H100 with the GPU launch config: GPU-only compile errors on the CPU."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers import run_sm90_aot
 
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends/nvidia/bin/ptxas").exists():
-        pytest.skip("Triton's bundled ptxas is missing")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-c", _AOT_SCRIPT, *map(str, config)]
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_sm90_aot(_AOT_SCRIPT, config)
 
 
 # --- GPU only -----------------------------------------------------------------------------------
