@@ -51,6 +51,54 @@ __all__ = ["window_attention"]
 
 
 @triton.jit
+def _bias_tile(table_ptr, stride_table_r, stride_table_h, head, ty, tx, WINDOW: tl.constexpr):
+    """(N, N) fp32 relative-position bias of one head, gathered from the table by index."""
+    rel = (ty[:, None] - ty[None, :] + WINDOW - 1) * (2 * WINDOW - 1) + (
+        tx[:, None] - tx[None, :] + WINDOW - 1
+    )
+    return tl.load(table_ptr + rel * stride_table_r + head * stride_table_h).to(tl.float32)
+
+
+@triton.jit
+def _window_cells(
+    win, n_win_img, n_wx, ty, tx, grid_h, grid_w, WINDOW: tl.constexpr, SHIFT: tl.constexpr
+):
+    """Batch index, rolled-grid cells (ys, xs) and source grid cells (y, x) of one window's tokens.
+
+    Cyclic shift by index: rolled cell (ys, xs) is grid cell (ys + shift, xs + shift).
+    """
+    b = (win // n_win_img).to(tl.int64)
+    wl = win % n_win_img
+    ys = (wl // n_wx) * WINDOW + ty
+    xs = (wl % n_wx) * WINDOW + tx
+    return b, ys, xs, (ys + SHIFT) % grid_h, (xs + SHIFT) % grid_w
+
+
+@triton.jit
+def _scores(
+    q,
+    k,
+    bias,
+    ys,
+    xs,
+    grid_h,
+    grid_w,
+    WINDOW: tl.constexpr,
+    SHIFT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """(N, N) fp32 scores q·kᵀ + bias, plus LAION's -100 between shift regions (forward and
+    backward share this, so the recomputed P is the forward's P)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) + bias
+    if SHIFT > 0:
+        ry = (ys >= grid_h - WINDOW).to(tl.int32) + (ys >= grid_h - SHIFT).to(tl.int32)
+        rx = (xs >= grid_w - WINDOW).to(tl.int32) + (xs >= grid_w - SHIFT).to(tl.int32)
+        region = ry * 3 + rx
+        s = s + tl.where(region[:, None] != region[None, :], -100.0, 0.0)
+    return s
+
+
+@triton.jit
 def _window_attn_fwd_kernel(
     qkv_ptr,
     table_ptr,
@@ -86,35 +134,21 @@ def _window_attn_fwd_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     # The bias tile is the same for every window of this head: gather it once per program.
-    rel = (ty[:, None] - ty[None, :] + WINDOW - 1) * (2 * WINDOW - 1) + (
-        tx[:, None] - tx[None, :] + WINDOW - 1
-    )
-    bias = tl.load(table_ptr + rel * stride_table_r + head * stride_table_h).to(tl.float32)
+    bias = _bias_tile(table_ptr, stride_table_r, stride_table_h, head, ty, tx, WINDOW)
     q_col = head * HEAD_DIM + d
     n_wx = grid_w // WINDOW
     n_win_img = (grid_h // WINDOW) * n_wx
     for i in range(WINDOWS_PER_PROGRAM):
         win = pid * WINDOWS_PER_PROGRAM + i
         valid = win < num_windows
-        b = (win // n_win_img).to(tl.int64)
-        wl = win % n_win_img
-        ys = (wl // n_wx) * WINDOW + ty
-        xs = (wl % n_wx) * WINDOW + tx
-        # Cyclic shift by index: rolled cell (ys, xs) is grid cell (ys + shift, xs + shift).
-        y = (ys + SHIFT) % grid_h
-        x = (xs + SHIFT) % grid_w
+        b, ys, xs, y, x = _window_cells(win, n_win_img, n_wx, ty, tx, grid_h, grid_w, WINDOW, SHIFT)
         row = b * stride_qkv_b + y * stride_qkv_h + x * stride_qkv_w
         ld_mask = d_ok[None, :] & valid
         ptrs = qkv_ptr + row[:, None] + q_col[None, :]
         q = tl.load(ptrs, mask=ld_mask, other=0.0).to(tl.float32) * scale
         k = tl.load(ptrs + channels, mask=ld_mask, other=0.0).to(tl.float32)
         v = tl.load(ptrs + 2 * channels, mask=ld_mask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) + bias
-        if SHIFT > 0:
-            ry = (ys >= grid_h - WINDOW).to(tl.int32) + (ys >= grid_h - SHIFT).to(tl.int32)
-            rx = (xs >= grid_w - WINDOW).to(tl.int32) + (xs >= grid_w - SHIFT).to(tl.int32)
-            region = ry * 3 + rx
-            s = s + tl.where(region[:, None] != region[None, :], -100.0, 0.0)
+        s = _scores(q, k, bias, ys, xs, grid_h, grid_w, WINDOW, SHIFT, DOT_PRECISION)
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])
         l = tl.sum(p, axis=1)
@@ -170,10 +204,7 @@ def _window_attn_bwd_kernel(
     tx = t % WINDOW
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    rel = (ty[:, None] - ty[None, :] + WINDOW - 1) * (2 * WINDOW - 1) + (
-        tx[:, None] - tx[None, :] + WINDOW - 1
-    )
-    bias = tl.load(table_ptr + rel * stride_table_r + head * stride_table_h).to(tl.float32)
+    bias = _bias_tile(table_ptr, stride_table_r, stride_table_h, head, ty, tx, WINDOW)
     q_col = head * HEAD_DIM + d
     n_wx = grid_w // WINDOW
     n_win_img = (grid_h // WINDOW) * n_wx
@@ -182,12 +213,7 @@ def _window_attn_bwd_kernel(
     for i in range(WINDOWS_PER_PROGRAM):
         win = pid * WINDOWS_PER_PROGRAM + i
         valid = win < num_windows
-        b = (win // n_win_img).to(tl.int64)
-        wl = win % n_win_img
-        ys = (wl // n_wx) * WINDOW + ty
-        xs = (wl % n_wx) * WINDOW + tx
-        y = (ys + SHIFT) % grid_h
-        x = (xs + SHIFT) % grid_w
+        b, ys, xs, y, x = _window_cells(win, n_win_img, n_wx, ty, tx, grid_h, grid_w, WINDOW, SHIFT)
         ld_mask = d_ok[None, :] & valid
         row = b * stride_qkv_b + y * stride_qkv_h + x * stride_qkv_w
         ptrs = qkv_ptr + row[:, None] + q_col[None, :]
@@ -201,12 +227,7 @@ def _window_attn_bwd_kernel(
         do = do.to(tl.float32)
         lse_off = (win.to(tl.int64) * num_heads + head) * N + t
         lse = tl.load(lse_ptr + lse_off, mask=(t < N) & valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) + bias
-        if SHIFT > 0:
-            ry = (ys >= grid_h - WINDOW).to(tl.int32) + (ys >= grid_h - SHIFT).to(tl.int32)
-            rx = (xs >= grid_w - WINDOW).to(tl.int32) + (xs >= grid_w - SHIFT).to(tl.int32)
-            region = ry * 3 + rx
-            s = s + tl.where(region[:, None] != region[None, :], -100.0, 0.0)
+        s = _scores(q, k, bias, ys, xs, grid_h, grid_w, WINDOW, SHIFT, DOT_PRECISION)
         p = tl.exp(s - lse[:, None])
         # Invalid (past-the-end) windows have dO = 0, so dS = 0 and they add nothing below.
         dv = tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
