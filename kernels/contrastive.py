@@ -279,7 +279,7 @@ _GPU_BWD_CONFIGS = {
         [_cfg(64, 64, 64, 8, 1, bd=512), _cfg(64, 32, 64, 8, 2, bd=512)]
         + [_cfg(64, 64, 64, 8, 2, bd=256)]
         if cls == "half"
-        else [_cfg(64, 32, 32, 8, 2, bd=256), _cfg(64, 32, 32, 8, 2, bd=128)]
+        else [_cfg(64, 32, 32, 8, 2, bd=256), _cfg(64, 32, 32, 8, 1, bd=128)]
     )
     for cls in ("half", "fp32")
     for sym in (False, True)
