@@ -29,7 +29,8 @@ waveform, no padded copy, no frame matrix in memory) once, times Hann, then loop
 in chunks of ``BLOCK_K1``: step 1 (two ``tl.dot``s, X against the cos / -sin columns), twiddle
 (CUDA cores), a relayout (t, n2, k1) -> (t, k1, n2) (``tl.permute``, through shared memory on a
 GPU), step 2 (three ``tl.dot``s), power, and the chunk's mel contribution (a ``tl.dot`` against
-the filterbank rows of its bins, gathered by index). The tail is added after the loop. Only
+the filterbank rows of its bins, gathered by index, each row read only over its nonzero mel
+range: ``mel_bands``, cached per filterbank tensor). The tail is added after the loop. Only
 n_mels floats per frame are written; the spectrum never leaves the chip. All constants (Hann,
 the DFT and twiddle tables) are one cached float32 vector (``four_step_tables``, ~20 KB).
 
@@ -58,8 +59,9 @@ int16) + 0.26 MB out per clip; each sample is read n_fft / hop ~ 2.1 times, from
 first. Compute: 0.713 GFLOP at the 495 TFLOP/s dense TF32 peak is 1.4 us per clip (H100 and
 H200 alike); mma.sync usually reaches well under the wgmma peak, so expect ~2 - 3 us per clip
 exact (~1,000 - 1,400 audio-hours/s) and ~1.5 - 2.5 us fast: compute-bound, the HBM floor is
-0.45 us (H200). The filterbank rows (128 KB fp32 per program, L1/L2-resident) add on-chip
-traffic comparable to the compute time. Against the issue's goals (torchaudio ~8 - 10 us per
+0.45 us (H200). The filterbank rows are read per program from L1/L2: 128 KB dense, ~25 KB
+(32 B sectors of the ~2 nonzeros per row) with the nonzero-range masks of a Slaney or HTK
+bank, so that on-chip traffic stays under the compute time. Against the issue's goals (torchaudio ~8 - 10 us per
 clip, HTS-AT-tiny bf16 forward ~25 us): ~3 - 5x torchaudio expected, short of the 8x goal, and
 ~8 - 12 % of the encoder in exact mode (goal 5 %). Measure before trusting any of this.
 
@@ -77,6 +79,7 @@ backward through the op raises.
 import functools
 import math
 import os
+import weakref
 
 import torch
 import triton
@@ -84,7 +87,7 @@ import triton.language as tl
 
 from kernels.mel_ref import num_frames
 
-__all__ = ["log_mel", "log_mel_forward", "report_specs"]
+__all__ = ["log_mel", "log_mel_forward", "mel_bands", "report_specs"]
 
 # (DFT stages, mel stage) tl.dot input precisions per mode; see the header.
 PRECISIONS = {"exact": ("tf32x3", "tf32x3"), "fast": ("tf32x3", "tf32")}
@@ -92,6 +95,7 @@ _TEN_OVER_LOG2_10 = tl.constexpr(
     10.0 / 3.321928094887362
 )  # 10 * log10(x) = _TEN_OVER_LOG2_10 * log2(x)
 _TABLE_CACHE: dict[tuple, torch.Tensor] = {}
+_BAND_CACHE: dict[int, tuple] = {}
 
 
 def factor(n_fft: int) -> tuple[int, int]:
@@ -135,6 +139,30 @@ def four_step_tables(n_fft: int, device: torch.device | str = "cpu") -> torch.Te
     return tab
 
 
+def mel_bands(fb: torch.Tensor) -> torch.Tensor:
+    """(n_bins, 2) int32: the first and last nonzero column of each filterbank row (an all-zero
+    row gives (n_mels, -1)). Cached per tensor object while its version counter is unchanged
+    (in-place edits bump it); inference tensors, which keep no version, are recomputed."""
+    try:
+        version = fb._version
+    except RuntimeError:
+        version = None
+    hit = _BAND_CACHE.get(id(fb))
+    if version is not None and hit is not None and hit[0]() is fb and hit[1] == version:
+        return hit[2]
+    n_mels = fb.shape[1]
+    cols = torch.arange(n_mels, device=fb.device)
+    nonzero = fb != 0  # NaN counts as nonzero
+    lo = torch.where(nonzero, cols, n_mels).amin(dim=1)
+    hi = torch.where(nonzero, cols, -1).amax(dim=1)
+    bands = torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
+    if version is not None:
+        for key in [k for k, v in _BAND_CACHE.items() if v[0]() is None]:
+            del _BAND_CACHE[key]  # filterbanks that no longer exist
+        _BAND_CACHE[id(fb)] = (weakref.ref(fb), version, bands)
+    return bands
+
+
 @triton.jit
 def _load_samples(
     wave_row, idx, mask, length, period, stride_wave_l, SINGLE_REFLECT: tl.constexpr,
@@ -157,10 +185,23 @@ def _load_samples(
 
 
 @triton.jit
+def _load_fb_rows(fb_ptr, band_ptr, row, keep, offs_m, stride_fb_f, stride_fb_m):
+    """Filterbank rows ``row`` (masked by ``keep``) as fp32, reading only each row's nonzero
+    column range [lo, hi] from ``band_ptr`` (a mel filter row has ~2 nonzeros: ~8x fewer bytes
+    of L1/L2 traffic); the skipped entries are zeros either way."""
+    lo = tl.load(band_ptr + 2 * row, mask=keep, other=1 << 20)
+    hi = tl.load(band_ptr + 2 * row + 1, mask=keep, other=-1)
+    inside = (offs_m[None, :] >= lo[:, None]) & (offs_m[None, :] <= hi[:, None])
+    ptrs = fb_ptr + row[:, None] * stride_fb_f + offs_m[None, :] * stride_fb_m
+    return tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _log_mel_kernel(
     wave_ptr,
     tab_ptr,
     fb_ptr,
+    band_ptr,
     scale_ptr,
     shift_ptr,
     out_ptr,
@@ -262,11 +303,7 @@ def _log_mel_kernel(
         k = k0 + j // N2 + N1 * (j % N2)
         keep = (k <= N // 2) | (j >= N2) | (k0 > 0)
         fb_row = tl.where(k <= N // 2, k, N - k)
-        fb = tl.load(
-            fb_ptr + fb_row[:, None] * stride_fb_f + offs_m[None, :] * stride_fb_m,
-            mask=keep[:, None] & mask_m[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        fb = _load_fb_rows(fb_ptr, band_ptr, fb_row, keep, offs_m, stride_fb_f, stride_fb_m)
         mel = tl.dot(power, fb, mel, input_precision=MEL_PRECISION)
 
     # The tail: bins N1/2 + N1 j = sum_n2 x_half[n2] exp(-2 pi i n2 (2 j + 1) / (2 N2)); the
@@ -274,11 +311,9 @@ def _log_mel_kernel(
     x_half = tl.reshape(x_half, (BLOCK_T, N2))
     h_re = tl.dot(x_half, tl.load(tab_ptr + OFF_HC + sq), input_precision=DFT_PRECISION)
     h_im = tl.dot(x_half, tl.load(tab_ptr + OFF_HS + sq), input_precision=DFT_PRECISION)
-    fb_h = tl.load(
-        fb_ptr + (H1 + N1 * i2)[:, None] * stride_fb_f + offs_m[None, :] * stride_fb_m,
-        mask=(i2 < N2 // 2)[:, None] & mask_m[None, :],
-        other=0.0,
-    ).to(tl.float32)
+    fb_h = _load_fb_rows(
+        fb_ptr, band_ptr, H1 + N1 * i2, i2 < N2 // 2, offs_m, stride_fb_f, stride_fb_m
+    )
     mel = tl.dot(h_re * h_re + h_im * h_im, fb_h, mel, input_precision=MEL_PRECISION)
 
     # 10 log10(max(mel, amin)): the clamp value is exact (floor_db = 10 log10(amin) from the
@@ -384,6 +419,7 @@ def log_mel_forward(
         return out
     tables = four_step_tables(n_fft, waveform.device)  # cached per device
     fb = mel_fb.to(device=waveform.device)
+    bands = mel_bands(fb)  # cached per filterbank tensor and version
     scale_t = scale.reshape(-1).to(device=waveform.device) if scale is not None else out
     shift_t = shift.reshape(-1).to(device=waveform.device) if shift is not None else out
     sms = _num_sms(waveform.device.index or 0) if waveform.is_cuda else 132
@@ -394,6 +430,7 @@ def log_mel_forward(
         waveform,
         tables,
         fb,
+        bands,
         scale_t,
         shift_t,
         out,
@@ -528,6 +565,7 @@ def _report_spec(
     floats = ("amin", "floor_db")
     signature = {
         name: "constexpr" if name in constexprs
+        else "*i32" if name == "band_ptr"
         else ("*" + wave_dtype if name == "wave_ptr" else "*fp32") if name.endswith("_ptr")
         else "fp32" if name in floats else "i32"
         for name in fn.arg_names
@@ -535,7 +573,7 @@ def _report_spec(
     frames_issued = batch * triton.cdiv(n_frames, cfg["BLOCK_T"]) * cfg["BLOCK_T"]
     sample_bytes = 2 if wave_dtype == "i16" else 4
     table_bytes = 4 * (n_fft + n1 * n1 + n1 * n2 + 5 * n2 * n2)  # four_step_tables
-    fb_bytes = 4 * (n_fft // 2 + 1) * _REPORT_MELS
+    fb_bytes = (4 * _REPORT_MELS + 8) * (n_fft // 2 + 1)  # filterbank + its nonzero ranges
     return dict(
         fn=fn,
         config=f"{precision} n_fft{n_fft} BT{cfg['BLOCK_T']} BK{cfg['BLOCK_K1']} "

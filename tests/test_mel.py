@@ -237,6 +237,22 @@ def test_kernel_nan_propagates_like_reference(banks, length, sample):
         assert_close_db(out[1:, clean], ref64[1:, clean], wave[1:], fb)
 
 
+def test_filterbank_nonzero_ranges_follow_edits(banks):
+    """The kernel reads only each filterbank row's nonzero range (``mel.mel_bands``), cached per
+    tensor: an in-place edit that adds nonzeros outside the old ranges must be seen."""
+    fb = banks["slaney"].clone()
+    wave = signal(2, 3000, seed=5)
+    mel.log_mel(wave, fb)  # fills the cache
+    assert mel.mel_bands(fb)[150].tolist() != [0, N_MELS - 1]
+    fb[100:200, 0] = 1e-3  # a wide, low shelf in band 0
+    fb[:, 5] = 0.0  # and an empty band
+    bands = mel.mel_bands(fb)
+    assert bands[150, 0].item() == 0 and bands[0].tolist() == [N_MELS, -1]
+    out = mel.log_mel(wave, fb)
+    assert_close_db(out, mel_ref.log_mel(wave.double(), fb.double()), wave, fb)
+    assert torch.equal(out[..., 5], torch.full_like(out[..., 5], -100.0))
+
+
 def test_kernel_affine_and_htsat_view(banks):
     """Eval-mode bn0 folded as scale/shift; (B, 1, T, 64) is a view of the output."""
     wave = signal(3, 3000)
