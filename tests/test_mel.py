@@ -317,6 +317,20 @@ def test_kernel_n_fft_and_precision(n_fft, hop, precision):
         assert_close_db(out, ref, wave, fb, n_fft=n_fft, hop=hop)
 
 
+@pytest.mark.parametrize(
+    ("n_fft", "block_t", "block_k1"), [(1024, 4, 4), (1024, 2, 2), (2048, 2, 1)]
+)
+def test_kernel_gpu_tiles_in_the_interpreter(monkeypatch, n_fft, block_t, block_k1):
+    """The GPU launch tiles (several programs per clip, several k1 chunks, BLOCK_K1 = 1) give
+    the same spectrum as the interpreter's one-chunk tiles."""
+    fb = slaney(n_fft)
+    wave = signal(2, 6 * HOP + 7, seed=block_t)
+    ref = mel_ref.log_mel(wave.double(), fb.double(), n_fft=n_fft)
+    tiles = dict(BLOCK_T=block_t, BLOCK_K1=block_k1, num_warps=8, num_stages=1)
+    monkeypatch.setattr(mel, "_launch_config", lambda *args, **kwargs: dict(tiles))
+    assert_close_db(mel.log_mel(wave, fb, n_fft=n_fft), ref, wave, fb, n_fft=n_fft)
+
+
 # --- the GPU's roundings, emulated on the CPU -----------------------------------------------------
 
 
