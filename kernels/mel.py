@@ -32,17 +32,18 @@ GPU), step 2 (three ``tl.dot``s), power, and the chunk's mel contribution (a ``t
 the filterbank rows of its bins, gathered by index, each row read only over its nonzero mel
 range: ``mel_bands``, cached per filterbank tensor). The tail is added after the loop. Only
 n_mels floats per frame are written; the spectrum never leaves the chip. All constants (Hann,
-the DFT and twiddle tables) are one cached float32 vector (``four_step_tables``, ~20 KB).
+the DFT and twiddle tables) are one cached float32 vector (``four_step_tables``, 32 KB at
+n_fft 1024).
 
 Precision (``precision=``; measured against an fp64 reference on the bins within 50 dB of the
 clip's peak, tests/test_mel.py, with the GPU's roundings emulated on the CPU since the
 interpreter computes every dot in fp32):
   * ``"exact"`` (default; what the model uses, since ``ops.log_mel`` passes no precision):
     every dot ``input_precision="tf32x3"`` (operands split into two TF32 parts, three tensor-core
-    products, fp32 accumulation). Emulated: <= 5.1e-5 dB at n_fft 256 - 2048, inside the
+    products, fp32 accumulation). Emulated: <= 5.2e-5 dB at n_fft 256 - 2048, inside the
     1e-3 dB budget, so LAION parity holds (LAION's conv front end in fp32).
   * ``"fast"``: tf32x3 on the DFT stages, one TF32 pass on the mel stage (positive terms, so
-    the rounding stays relative: emulated <= 3.8e-3 dB with round-to-nearest, <= 7.6e-3 dB if
+    the rounding stays relative: emulated <= 3.7e-3 dB with round-to-nearest, <= 7.5e-3 dB if
     the hardware truncates; budget 0.05 dB). One TF32 pass everywhere was measured at 0.12 dB
     (n_fft 1024; 0.26 dB at 256) in the same emulation: TF32's 11-bit significand puts a
     rounding floor ~60 dB under the peak, too close to bins 50 dB down, for the data operand
@@ -61,9 +62,10 @@ H200 alike); mma.sync usually reaches well under the wgmma peak, so expect ~2 - 
 exact (~1,000 - 1,400 audio-hours/s) and ~1.5 - 2.5 us fast: compute-bound, the HBM floor is
 0.45 us (H200). The filterbank rows are read per program from L1/L2: 128 KB dense, ~25 KB
 (32 B sectors of the ~2 nonzeros per row) with the nonzero-range masks of a Slaney or HTK
-bank, so that on-chip traffic stays under the compute time. Against the issue's goals (torchaudio ~8 - 10 us per
-clip, HTS-AT-tiny bf16 forward ~25 us): ~3 - 5x torchaudio expected, short of the 8x goal, and
-~8 - 12 % of the encoder in exact mode (goal 5 %). Measure before trusting any of this.
+bank, so that on-chip traffic stays under the compute time. Against the issue's goals
+(torchaudio ~8 - 10 us per clip, HTS-AT-tiny bf16 forward ~25 us): ~3 - 5x torchaudio
+expected, short of the 8x goal, and ~8 - 12 % of the encoder in exact mode (goal 5 %).
+Measure before trusting any of this.
 
 Limits: waveform (B, L), any B >= 1, any L >= 1, float (loaded and computed as fp32; float64 is
 computed in fp32, unlike the reference) or int16 (read as x / 32767). n_fft a power of two
