@@ -4,6 +4,8 @@ Providers (same inputs, same run):
   triton, triton-fast    kernels.mel.log_mel, precision "exact" / "fast" (CUDA only)
   reference              kernels.mel_ref.log_mel, eager (rfft)
   reference-compiled     torch.compile(kernels.mel_ref.log_mel), static shapes
+  stft, stft-compiled    torch.stft (cuFFT on a GPU) + power + mel matmul + 10 log10(clamp),
+                         eager and torch.compile (static shapes)
   torchaudio             MelSpectrogram(HTK, no norm) + AmplitudeToDB(top_db=None)
   nnaudio                nnAudio.features.MelSpectrogram (Slaney) + 10 log10(clamp)
   laion-conv             LAION's torchlibrosa front end: two Conv1d(1, 513, 1024, stride 480)
@@ -42,6 +44,8 @@ PROVIDERS = (
     "triton-fast",
     "reference",
     "reference-compiled",
+    "stft",
+    "stft-compiled",
     "torchaudio",
     "nnaudio",
     "laion-conv",
@@ -119,6 +123,16 @@ class LaionConvFrontEnd(torch.nn.Module):
         return (10.0 * torch.log10(torch.clamp(mel, min=self.amin)))[:, 0]
 
 
+def stft_log_mel(x: torch.Tensor, fb: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """(B, L) -> (B, T, 64) dB: torch.stft (center, reflect) -> |.|^2 -> @ fb -> 10 log10."""
+    spec = torch.stft(
+        x, N_FFT, HOP, window=window, center=True, pad_mode="reflect", return_complex=True
+    )  # (B, 513, T) complex64
+    power = spec.real.square() + spec.imag.square()
+    mel = power.transpose(1, 2) @ fb
+    return 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
+
+
 def make_provider(name: str, fb: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function (B, L) float32 on DEVICE -> (B, T, 64) float32 dB, or pytest.skip."""
     if name.startswith("triton"):
@@ -133,6 +147,12 @@ def make_provider(name: str, fb: torch.Tensor) -> Callable[[torch.Tensor], torch
     if name == "reference-compiled":
         compiled = torch.compile(mel_ref.log_mel, dynamic=False)
         return lambda x: compiled(x, fb)
+    if name.startswith("stft"):
+        window = torch.hann_window(N_FFT, periodic=True, device=fb.device)
+        fn = stft_log_mel
+        if name == "stft-compiled":
+            fn = torch.compile(stft_log_mel, dynamic=False)
+        return lambda x: fn(x, fb, window)
     if name == "torchaudio":
         torchaudio = pytest.importorskip("torchaudio")
         spec = torchaudio.transforms.MelSpectrogram(
@@ -160,6 +180,12 @@ def gap_to_fp64(name: str, out: torch.Tensor, x: torch.Tensor, fb: torch.Tensor)
     torchaudio uses its own HTK bank, so it is compared with the fp64 reference on that bank.
     """
     x0 = x[:1].double().cpu()
+    if name.startswith("stft"):
+        window = torch.hann_window(N_FFT, periodic=True, device=fb.device)
+        fn = stft_log_mel
+        if name == "stft-compiled":
+            fn = torch.compile(stft_log_mel, dynamic=False)
+        return lambda x: fn(x, fb, window)
     if name == "torchaudio":
         import torchaudio
 
