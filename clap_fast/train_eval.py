@@ -56,9 +56,10 @@ def _pad_batch(x: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Te
 @torch.no_grad()
 def _embed_all(
     model: nn.Module, batches: Any, d: Dist, bs: int, template: dict
-) -> tuple[list, list, list]:
-    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings."""
-    audio, text, owners = [], [], []
+) -> tuple[list, list, list, list]:
+    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings,
+    caption owners and ``[exp(logit_scale_a)]`` (empty if no batch ran)."""
+    audio, text, owners, scale = [], [], [], []
     it = iter(batches)
     while True:
         b = next(it, None)
@@ -75,7 +76,8 @@ def _embed_all(
             audio.append(out["audio_features"][:n].float().cpu())
             text.append(out["text_features"][:m].float().cpu())
             owners.append(b["caption_owner"])
-    return audio, text, owners
+        scale[:] = [out["logit_scale_a"].detach().reshape(-1)[0]]
+    return audio, text, owners, [float(x) for x in scale]  # one host sync
 
 
 def evaluate(
@@ -102,7 +104,7 @@ def evaluate(
         )  # fmt: skip
         if template is None:
             template = eval_template(model_cfg, cfg, d)
-        a, t, o = _embed_all(
+        a, t, o, scale = _embed_all(
             model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template
         )
         parts = all_gather_object((a, t, o), d)
@@ -121,7 +123,7 @@ def evaluate(
         res = {f"{name}/{k}": v for k, v in metrics.retrieval_metrics(A_, T_[first]).items()}
         counts = torch.bincount(own, minlength=A_.shape[0])
         if bool((counts == 5).all()):
-            mc = metrics.retrieval_metrics_multi_caption(A_, T_, own)
+            mc = metrics.retrieval_metrics_multi_caption(A_, T_, own, (scale or [None])[0])
             res.update({f"{name}/5cap_{k}": v for k, v in mc.items()})
         results.update(res)
     if cfg.zeroshot_folder:
