@@ -178,12 +178,28 @@ def _safe_readers() -> tuple[type, type, type]:
     return SafeReader, planner, empty
 
 
+def _unwrapped(fn: Any, folder: str | os.PathLike) -> None:
+    """Run a DCP load; our refusal comes out as itself, not inside DCP's multi-rank wrapper."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    read_dcp_metadata(folder)  # a clear error before DCP starts
+    try:
+        fn()
+    except CheckpointException as exc:  # a BaseException carrying each rank's (error, trace)
+        for err, _ in exc.failures.values():
+            if isinstance(err, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{folder}: {err}") from None
+        raise
+
+
 def load_dcp(state: dict[str, Any], folder: str | os.PathLike) -> None:
     """``dcp.load(state, folder)`` with every pickle restricted (see the module docstring)."""
     import torch.distributed.checkpoint as dcp
 
     reader, planner, _ = _safe_readers()
-    dcp.load(state, storage_reader=reader(str(folder)), planner=planner())
+    _unwrapped(
+        lambda: dcp.load(state, storage_reader=reader(str(folder)), planner=planner()), folder
+    )
 
 
 def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
@@ -192,7 +208,12 @@ def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
 
     reader, _, empty = _safe_readers()
     sd: dict[str, Any] = {}
-    _load_state_dict(sd, storage_reader=reader(str(folder)), planner=empty(), no_dist=True)
+    _unwrapped(
+        lambda: _load_state_dict(
+            sd, storage_reader=reader(str(folder)), planner=empty(), no_dist=True
+        ),
+        folder,
+    )
     return sd
 
 

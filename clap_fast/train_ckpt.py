@@ -184,8 +184,8 @@ def load_checkpoint_into(
     """
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    path = path.resolve()
     meta = check_checkpoint(path, d)
+    path = path.resolve()
     if opt is None:
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
@@ -270,10 +270,9 @@ def resume(
         log.warning("--resume latest: no checkpoint in %s yet, starting fresh", ckpt_dir)
         return 0, 0, 0, []
     try:
-        check_checkpoint(path, d)
+        meta = load_checkpoint_into(path, model, opt, d)  # checks the folder first
     except UnsafeCheckpointError as exc:
         raise SystemExit(f"--resume {cfg.resume}: {exc}") from None
-    meta = load_checkpoint_into(path, model, opt, d)
     step, epoch, skip = meta["step"], meta["epoch"], meta["batches_in_epoch"]
     log.info("resumed from %s: step %d, epoch %d, %d batches into it", path, step, epoch, skip)
     return step, epoch, skip, meta.get("best", [])
