@@ -140,7 +140,11 @@ def embed_main(argv: list[str]) -> int:
         _check(parser, _need_pyarrow)
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+    try:
+        emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+    except ValueError as exc:  # --strict: the first undecodable file stops the run, by name
+        sys.stderr.write(f"clap-fast embed: error: {exc}\n")
+        return 1
     ok = torch.isfinite(emb).all(dim=1)
     names = [str(f) for f, good in zip(files, ok.tolist()) if good]
     _write_embeddings(args.out, names, emb[ok].numpy())

@@ -141,12 +141,16 @@ def check_ckpt_main(argv: list[str] | None = None) -> int:
     p.add_argument("b", nargs="?", help="second checkpoint to compare with")
     p.add_argument("--key", default="", help="only tensors whose name contains this")
     args = p.parse_args(argv)
-    if args.b is None:
-        rows = [f"{k}\t{list(s)}" for k, s in keys_in_state_dict(args.a) if args.key in k]
-        sys.stdout.write("".join(r + "\n" for r in rows))
-        return 0
-    differ = check_ckpt_diff(args.a, args.b, args.key)
-    total = sum(args.key in k for k in _load(args.a))
+    try:  # a refused, truncated or missing checkpoint: one line naming it, exit status 2
+        if args.b is None:
+            rows = [f"{k}\t{list(s)}" for k, s in keys_in_state_dict(args.a) if args.key in k]
+            sys.stdout.write("".join(r + "\n" for r in rows))
+            return 0
+        differ = check_ckpt_diff(args.a, args.b, args.key)
+        total = sum(args.key in k for k in _load(args.a))
+    except ValueError as exc:
+        sys.stderr.write(f"clap-fast check-ckpt: error: {exc}\n")
+        return 2
     sys.stdout.write("".join(f"differs\t{k}\n" for k in differ))
     sys.stdout.write(f"{len(differ)} of {total} tensors matching {args.key!r} differ\n")
     return 1 if differ else 0
