@@ -55,11 +55,11 @@ def _pad_batch(x: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def _embed_all(
-    model: nn.Module, batches: Any, d: Dist, bs: int, template: dict
-) -> tuple[list, list, list, list]:
-    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings,
-    caption owners and ``[exp(logit_scale_a)]`` (empty if no batch ran)."""
-    audio, text, owners, scale = [], [], [], []
+    model: nn.Module, batches: Any, d: Dist, bs: int, template: dict, scale: list | None = None
+) -> tuple[list, list, list]:
+    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings and
+    caption owners; ``scale`` (a list, if given) receives ``exp(logit_scale_a)`` as a float."""
+    audio, text, owners, last = [], [], [], []
     it = iter(batches)
     while True:
         b = next(it, None)
@@ -76,8 +76,10 @@ def _embed_all(
             audio.append(out["audio_features"][:n].float().cpu())
             text.append(out["text_features"][:m].float().cpu())
             owners.append(b["caption_owner"])
-        scale[:] = [out["logit_scale_a"].detach().reshape(-1)[0]]
-    return audio, text, owners, [float(x) for x in scale]  # one host sync
+        last[:] = [out["logit_scale_a"].detach().reshape(-1)[0]]
+    if scale is not None:
+        scale[:] = [float(x) for x in last]  # one host sync
+    return audio, text, owners
 
 
 def evaluate(
@@ -104,8 +106,9 @@ def evaluate(
         )  # fmt: skip
         if template is None:
             template = eval_template(model_cfg, cfg, d)
-        a, t, o, scale = _embed_all(
-            model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template
+        scale: list[float] = []
+        a, t, o = _embed_all(
+            model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template, scale
         )
         parts = all_gather_object((a, t, o), d)
         A, T, owner, base = [], [], [], 0
