@@ -477,6 +477,15 @@ def test_onnx_export_rejects_bad_out_before_work(tmp_path, monkeypatch, capsys, 
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_trt_export_rejects_an_existing_file_as_out(tmp_path, monkeypatch, capsys):
+    trt_cli = pytest.importorskip("export.trt")
+    monkeypatch.setattr(trt_cli, "load_model", lambda *a, **k: pytest.fail("export started"))
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        trt_cli.main(["--out", str(tmp_path / "taken"), "--tower", "text"])
+    assert e.value.code == 2 and "exists and is not a folder" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ API validation holes
 @pytest.fixture(scope="module")
 def model():
