@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any
 
@@ -163,8 +164,11 @@ def _safe_readers() -> tuple[type, type, type]:
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = found[1] if found else "a global"
             raise UnsafeCheckpointError(
-                f"refused to unpickle {read_item.dest_index.fqn}: {str(exc).splitlines()[0][:200]}"
+                f"refused to unpickle {read_item.dest_index.fqn}: it references {what}, outside "
+                "torch's weights_only allow-list (the file may have been crafted to run code)"
             ) from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
@@ -267,10 +271,13 @@ def load_rng_state(path: str | os.PathLike) -> dict[str, Any]:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise UnsafeCheckpointError(
-                f"{path}: refused or corrupt RNG state ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
-            ) from None
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            why = (
+                f"it references {found[1]}, outside the allow-list"
+                if found
+                else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+            raise UnsafeCheckpointError(f"{path}: refused or corrupt RNG state ({why})") from None
     from safetensors import SafetensorError, safe_open
 
     try:
