@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from clap_fast import ops
+from clap_fast import ops, validate
 from clap_fast.audio import as_waveform_list, load_audio, prepare_batch, resample
 
 __all__ = ["InferenceMixin", "DEFAULT_TEMPLATE"]
@@ -81,14 +81,11 @@ class InferenceMixin:
             autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
                 fp32); None (default) computes in fp32 like LAION.
         """
-        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-            raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        sample_rate = validate.check_sample_rate(sample_rate)
+        batch_size = validate.check_positive_int(batch_size, "batch_size")
+        validate.check_not_paths(waveforms)
         cfg = self.cfg.audio
-        clips = [
-            resample(c, int(sample_rate), cfg.sample_rate) for c in as_waveform_list(waveforms)
-        ]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        clips = [resample(c, sample_rate, cfg.sample_rate) for c in as_waveform_list(waveforms)]
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
         amp = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
@@ -148,9 +145,12 @@ class InferenceMixin:
         counted; its row is NaN (``strict=True`` raises instead). ``self.last_failures`` holds
         {path: reason} of the last call. Other keyword arguments go to ``embed_audio``.
         """
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            raise ValueError(f"paths must be a list of files, got the single path {paths!r}")
         paths = [str(p) for p in paths]
         if not paths:
             raise ValueError("no audio files given")
+        batch_size = validate.check_positive_int(batch_size, "batch_size")
         sr = self.cfg.audio.sample_rate
         out = torch.full((len(paths), self.cfg.joint_embed_shape), float("nan"))
         failures: dict[str, str] = {}
@@ -224,6 +224,8 @@ class InferenceMixin:
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
+        batch_size = validate.check_positive_int(batch_size, "batch_size")
+        self._check_tokens(input_ids)
         dev = self.device
         outs = []
         with torch.inference_mode():
@@ -236,6 +238,18 @@ class InferenceMixin:
                 )
         feats = torch.cat(outs)
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    def _check_tokens(self, input_ids: torch.Tensor) -> None:
+        """Ids inside the tower's vocabulary, rows no longer than its positions allow."""
+        t = self.cfg.text
+        if self.text_type == "transformer":
+            validate.check_token_ids(input_ids, t.vocab_size, t.context_length, exact=True)
+            return
+        c = self.text_branch.config
+        limit = c.max_position_embeddings
+        if self.text_type == "roberta":  # positions start after the padding index
+            limit -= (c.pad_token_id or 0) + 1
+        validate.check_token_ids(input_ids, c.vocab_size, limit, exact=False)
 
     # ----------------------------------------------------------- zero-shot
     def zero_shot(
@@ -250,10 +264,8 @@ class InferenceMixin:
 
         ``text_embeddings`` (C, 512) skips the tokenizer (e.g. from ``embed_text_tokens``).
         """
-        if not labels:
-            raise ValueError("no labels given")
-        if "{}" not in template:
-            raise ValueError(f"template must contain '{{}}' for the label, got {template!r}")
+        labels = validate.check_labels(labels)
+        template = validate.check_template(template)
         a = torch.as_tensor(audio_embeddings).float().cpu()
         if a.ndim != 2 or a.shape[1] != self.cfg.joint_embed_shape:
             raise ValueError(

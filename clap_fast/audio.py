@@ -19,6 +19,7 @@ Long clips (more than ``clip_samples``) — ``long_audio``:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,13 +133,28 @@ def load_audio(path: str, target_sr: int) -> torch.Tensor:
     """Decode a file with soundfile (wav / flac / ogg …), downmix by mean, resample -> 1-D float32."""
     import soundfile as sf
 
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    with sf.SoundFile(str(path)) as f:
+        _check_not_truncated(path, f.extra_info)
+        data, sr = f.read(dtype="float32", always_2d=True), f.samplerate
     if data.shape[0] == 0:
         raise ValueError(f"{path}: no samples")
     x = torch.from_numpy(data.mean(axis=1))
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{path}: NaN or infinite samples")
     return resample(x, sr, target_sr)
+
+
+_DATA_LEN = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
+def _check_not_truncated(path: str, extra_info: str) -> None:
+    """libsndfile reads a WAV / AIFF cut short without complaint (it notes the real length in
+    its log): refuse it rather than embed a fragment. Streaming headers (0 or 0xFFFFFFFF) pass."""
+    m = _DATA_LEN.search(extra_info or "")
+    if m and int(m[2]) < int(m[1]) and 0 < int(m[1]) < 0xFFFFFFF0:
+        raise ValueError(
+            f"{path}: truncated: the header declares {m[1]} bytes of audio, the file holds {m[2]}"
+        )
 
 
 @dataclass

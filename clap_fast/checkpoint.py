@@ -83,6 +83,10 @@ def _safe_torch_load(path: Path) -> object:
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
+    except Exception as exc:  # random bytes end in arbitrary errors ("pop from empty list")
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -337,17 +341,27 @@ def load_into(
     filled = [k for k in missing if k in optional or any(f in k for f in fill_missing)]
     missing = [k for k in missing if k not in filled]
     unexpected = [k for k in sd if k not in own]
+    not_tensors = [k for k in sd if k in own and not isinstance(sd[k], torch.Tensor)]
     shapes = [
         f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
         for k in sd
-        if k in own and sd[k].shape != own[k].shape
+        if k in own and k not in not_tensors and sd[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
+    # float weights from integer / bool tensors would be cast silently by load_state_dict
+    dtypes = [
+        f"{k}: checkpoint {sd[k].dtype} vs model {own[k].dtype}"
+        for k in sd
+        if k in own and k not in not_tensors and own[k].is_floating_point()
+        and not sd[k].is_floating_point()
+    ]  # fmt: skip
+    if missing or unexpected or shapes or dtypes or not_tensors:
         parts = []
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
             ("shape mismatches", shapes),
+            ("integer tensors for float weights", dtypes),
+            ("values that are not tensors", not_tensors),
         ):
             if items:
                 more = f" … and {len(items) - 12} more" if len(items) > 12 else ""

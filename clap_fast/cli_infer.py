@@ -10,13 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["embed_main", "zero_shot_main", "search_main", "find_audio_files", "AUDIO_SUFFIXES"]
+__all__ = [
+    "embed_main",
+    "zero_shot_main",
+    "search_main",
+    "find_audio_files",
+    "scan_audio_files",
+    "AUDIO_SUFFIXES",
+]
 
 log = logging.getLogger(__name__)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -24,18 +32,38 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 
 def find_audio_files(source: str) -> list[Path]:
     """A folder (recursively, sorted), a text file with one path per line, or one audio file."""
+    return scan_audio_files(source)[0]
+
+
+def _walk(root: Path, skipped: dict[str, str]) -> list[Path]:
+    """Audio files under ``root``; folders that cannot be listed go to ``skipped`` by name."""
+
+    def onerror(exc: OSError) -> None:
+        skipped[str(exc.filename)] = f"unreadable folder ({type(exc).__name__}: {exc.strerror})"
+
+    found = []
+    for d, _, names in os.walk(root, onerror=onerror):
+        found += [Path(d) / n for n in names if Path(n).suffix.lower() in AUDIO_SUFFIXES]
+    return sorted(found)
+
+
+def scan_audio_files(source: str) -> tuple[list[Path], dict[str, str]]:
+    """``find_audio_files`` -> (files, {skipped folder: reason}): nothing is skipped unnamed."""
     p = Path(source)
+    skipped: dict[str, str] = {}
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        files = _walk(p, skipped)
     elif p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES:
         files = [p]
     elif p.is_file():
         files = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
     else:
         raise SystemExit(f"error: {source} is neither a folder, an audio file nor a file list")
+    for folder, why in skipped.items():
+        log.warning("skipped %s: %s", folder, why)
     if not files:
         raise SystemExit(f"error: no audio files ({', '.join(AUDIO_SUFFIXES)}) under {source}")
-    return files
+    return files, skipped
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +80,19 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default="roberta", help="text tower when no checkpoint is given")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when files or rows were dropped (they are still listed)",
+    )
+
+
+def _check(parser: argparse.ArgumentParser, fn, *args):
+    """Run a validate.* check; a bad value ends the command with its message (exit 2)."""
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def _load_model(args: argparse.Namespace):
@@ -66,7 +107,6 @@ def _load_model(args: argparse.Namespace):
 
 
 def _write_embeddings(out: Path, names: list[str], emb: np.ndarray) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -92,19 +132,50 @@ def embed_main(argv: list[str]) -> int:
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
     _model_args(parser)
     args = parser.parse_args(argv)
-    files = find_audio_files(args.source)
+    from clap_fast import validate
+
+    _check(parser, validate.check_output_file, args.out, (".npy", ".parquet"))
+    _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
+    if args.out.suffix == ".parquet":
+        _check(parser, _need_pyarrow)
+    files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+    try:
+        emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+    except ValueError as exc:  # --strict: the first undecodable file stops the run, by name
+        sys.stderr.write(f"clap-fast embed: error: {exc}\n")
+        return 1
     ok = torch.isfinite(emb).all(dim=1)
     names = [str(f) for f, good in zip(files, ok.tolist()) if good]
     _write_embeddings(args.out, names, emb[ok].numpy())
-    failed = model.last_failures
+    dropped = {**skipped, **model.last_failures}
+    for f, good in zip(files, ok.tolist()):
+        if not good and str(f) not in dropped:  # decoded, but the model gave NaN / inf
+            dropped[str(f)] = "non-finite embedding (NaN or inf from the model)"
     log.info("embedded %d of %d files into %s", len(names), len(files), args.out)
-    if failed:
-        report = args.out.with_suffix(".failed.json")
-        report.write_text(json.dumps(failed, indent=2))
-        log.warning("%d files could not be decoded; listed in %s", len(failed), report)
-    return 1 if failed else 0
+    return _report_dropped(args, dropped, len(files) + len(skipped))
+
+
+def _need_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ValueError("--out .parquet needs pyarrow (pip install pyarrow)") from None
+
+
+def _report_dropped(args: argparse.Namespace, dropped: dict[str, str], total: int) -> int:
+    """Name every dropped file / row in ``<out>.failed.json`` (if --out), the log and stderr;
+    exit status 1 if any unless --allow-failures."""
+    if not dropped:
+        return 0
+    report = args.out.with_suffix(".failed.json") if getattr(args, "out", None) else None
+    if report is not None:
+        report.write_text(json.dumps(dropped, indent=2))
+    for name, why in dropped.items():
+        log.warning("dropped %s: %s", name, why)
+    where = f"; listed in {report}" if report else ""
+    sys.stderr.write(f"{len(dropped)} of {total} inputs dropped{where}\n")
+    return 0 if args.allow_failures else 1
 
 
 def zero_shot_main(argv: list[str]) -> int:
@@ -118,7 +189,14 @@ def zero_shot_main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, help="optional .json with every file's probabilities")
     _model_args(parser)
     args = parser.parse_args(argv)
-    files = find_audio_files(args.source)
+    from clap_fast import validate
+
+    _check(parser, validate.check_labels, args.labels)
+    _check(parser, validate.check_template, args.template)
+    _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
+    if args.out is not None:
+        _check(parser, validate.check_output_file, args.out, (".json",))
+    files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
     emb = model.embed_audio_files(files, batch_size=args.batch_size)
     ok = torch.isfinite(emb).all(dim=1)
@@ -135,7 +213,11 @@ def zero_shot_main(argv: list[str]) -> int:
                 {n: dict(zip(args.labels, p.tolist())) for n, p in zip(kept, probs)}, indent=2
             )
         )
-    return 1 if model.last_failures else 0
+    dropped = {**skipped, **model.last_failures}
+    for f, good in zip(files, ok.tolist()):
+        if not good and str(f) not in dropped:
+            dropped[str(f)] = "non-finite embedding (NaN or inf from the model)"
+    return _report_dropped(args, dropped, len(files) + len(skipped))
 
 
 def search_main(argv: list[str]) -> int:
@@ -146,18 +228,62 @@ def search_main(argv: list[str]) -> int:
     parser.add_argument("--top", type=int, default=10)
     _model_args(parser)
     args = parser.parse_args(argv)
-    if args.embeddings.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from clap_fast import validate
 
-        table = pq.read_table(args.embeddings).to_pydict()
-        names, emb = table["path"], np.asarray(table["embedding"], dtype=np.float32)
-    else:
-        emb = np.load(args.embeddings)
-        names = args.embeddings.with_suffix(".paths.txt").read_text().splitlines()
+    _check(parser, validate.check_positive_int, args.top, "--top")
+    _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
+    if not args.query.strip():
+        parser.error("--query is empty")
+    names, emb = _check(parser, _read_embeddings, args.embeddings)
     model = _load_model(args)
+    if emb.shape[1] != model.cfg.joint_embed_shape:
+        parser.error(
+            f"{args.embeddings}: embeddings are {emb.shape[1]} wide, the model's are "
+            f"{model.cfg.joint_embed_shape} (made by another model?)"
+        )
     q = model.embed_text([args.query])
     scores = torch.from_numpy(emb) @ q[0]
     top = torch.topk(scores, min(args.top, len(names)))
     lines = [f"{float(s):+.4f}  {names[i]}" for s, i in zip(top.values, top.indices.tolist())]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def _read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
+    """(names, (N, d) float32) from ``clap-fast embed``'s output; ValueError naming a mismatch."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such embeddings file")
+    if path.suffix == ".parquet":
+        _need_pyarrow()
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path).to_pydict()
+            names, rows = table["path"], table["embedding"]
+            emb = np.asarray(rows, dtype=np.float32)
+        except KeyError as exc:
+            raise ValueError(f"{path}: no {exc} column (not written by clap-fast embed)") from None
+        except Exception as exc:
+            raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+        names = [str(n) for n in names]
+    elif path.suffix == ".npy":
+        try:
+            emb = np.load(path, allow_pickle=False)
+        except Exception as exc:  # object arrays (pickles) are refused here too
+            raise ValueError(f"{path}: unreadable .npy ({type(exc).__name__}: {exc})") from None
+        if emb.dtype.kind != "f":
+            raise ValueError(f"{path}: embeddings must be floating point, got {emb.dtype}")
+        listing = path.with_suffix(".paths.txt")
+        if not listing.is_file():
+            raise ValueError(f"{path}: its file list {listing} is missing")
+        names = listing.read_text().splitlines()
+    else:
+        raise ValueError(f"{path}: embeddings must be a .npy or .parquet file")
+    if emb.ndim != 2 or emb.shape[0] == 0:
+        raise ValueError(f"{path}: embeddings must be a non-empty (N, d) matrix, got {emb.shape}")
+    if len(names) != emb.shape[0]:
+        raise ValueError(f"{path}: {emb.shape[0]} embeddings but {len(names)} names")
+    bad = int((~np.isfinite(emb).all(axis=1)).sum())
+    if bad:
+        raise ValueError(f"{path}: {bad} rows hold NaN or inf")
+    return names, emb.astype(np.float32)

@@ -49,6 +49,7 @@ __all__ = [
     "SkipStats",
     "split_urls",
     "split_exists",
+    "read_sizes",
     "read_tar_samples",
     "WebAudioDataset",
     "make_loader",
@@ -119,16 +120,38 @@ def _join(prefix: str, *parts: str) -> str:
     return "/".join([prefix.rstrip("/"), *parts])
 
 
-def _sizes(datasetpath: str, name: str, split: str) -> dict[str, int] | None:
+def read_sizes(url: str) -> dict[str, int] | None:
+    """A ``sizes.json`` as {shard file: samples}; None if the file does not exist.
+
+    Raises ValueError naming the file when it exists but is not a JSON object of
+    non-negative integer sample counts (a garbage file is never taken for a missing one).
+    """
     try:
-        raw = _read_bytes(_join(datasetpath, name, split, "sizes.json"))
-        return {str(k): int(v) for k, v in json.loads(raw).items()}
-    except (OSError, subprocess.CalledProcessError, ValueError):
+        raw = _read_bytes(url)
+    except (FileNotFoundError, NotADirectoryError, subprocess.CalledProcessError):
         return None
+    except OSError as exc:
+        raise ValueError(f"{url}: unreadable ({type(exc).__name__}: {exc})") from None
+    try:
+        sizes = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{url}: not valid JSON ({exc})") from None
+    if not isinstance(sizes, dict):
+        raise ValueError(
+            f"{url}: must map shard names to sample counts, got {type(sizes).__name__}"
+        )
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if bad:
+        raise ValueError(f"{url}: sample counts must be integers >= 0; bad entries: {bad[:5]}")
+    return {str(k): v for k, v in sizes.items()}
+
+
+def _sizes(datasetpath: str, name: str, split: str) -> dict[str, int] | None:
+    return read_sizes(_join(datasetpath, name, split, "sizes.json"))
 
 
 def split_exists(datasetpath: str, name: str, split: str) -> bool:
-    """Whether ``<datasetpath>/<name>/<split>/sizes.json`` is readable."""
+    """Whether ``<datasetpath>/<name>/<split>/sizes.json`` exists (ValueError if garbage)."""
     return _sizes(datasetpath, name, split) is not None
 
 

@@ -194,14 +194,46 @@ def _map_at_10(grid: np.ndarray, counts: np.ndarray) -> float:
     return float(np.mean(terms.sum(axis=1) / counts))
 
 
+def _caption_slots(owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(M,) position of each caption among its audio's captions, in caption order."""
+    order = torch.sort(owner, stable=True).indices
+    counts = torch.bincount(owner, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(owner)
+    slot[order] = torch.arange(owner.numel()) - starts[owner[order]]
+    return slot
+
+
+def multi_caption_loss(
+    logits_per_audio: torch.Tensor, owner: torch.Tensor, logit_scale: float | ArrayLike
+) -> float:
+    """LAION's ``cumulative_loss`` of a several-caption set: for each caption slot d (the d-th
+    caption of every audio that has one), the cross-entropy of audio→text over that slot's
+    captions and of text→audio over all audios, each averaged over slots, then the two
+    directions averaged. With c captions for every audio this is LAION's value exactly."""
+    scaled = torch.as_tensor(logit_scale, dtype=torch.float32).reshape(()) * logits_per_audio
+    slot = _caption_slots(owner, scaled.shape[0])
+    a2t, t2a = [], []
+    for d in range(int(slot.max()) + 1):
+        cols = torch.nonzero(slot == d).flatten()
+        rows = owner[cols]
+        a2t.append(F.cross_entropy(scaled[rows][:, cols], torch.arange(cols.numel())))
+        t2a.append(F.cross_entropy(scaled[:, cols].T, rows))
+    return float((torch.stack(a2t).mean() + torch.stack(t2a).mean()) / 2)
+
+
 def multi_caption_metrics_from_logits(
-    logits_per_audio: ArrayLike, caption_to_audio: ArrayLike
+    logits_per_audio: ArrayLike,
+    caption_to_audio: ArrayLike,
+    logit_scale: float | ArrayLike | None = None,
 ) -> dict[str, float]:
     """Retrieval with several captions per audio (Clotho, AudioCaps: 5), from logits.
 
     Args:
         logits_per_audio: (N, M) scores of N audios against M captions.
         caption_to_audio: (M,) the audio each caption describes; every audio needs ≥ 1.
+        logit_scale: the model's (exponentiated) logit scale. When given, LAION's
+            ``cumulative_loss`` (:func:`multi_caption_loss`) is added.
 
     Returns ``num_samples`` (N) and:
 
@@ -234,11 +266,16 @@ def multi_caption_metrics_from_logits(
     c = counts.numpy().astype(np.float64)
     out[f"audio_to_text_mAP@{MAP_K}"] = _map_at_10(np.sort(grid, axis=1), c)
     out[f"audio_to_text_mAP@{MAP_K}_laion"] = _map_at_10(grid, c)
+    if logit_scale is not None:
+        out["cumulative_loss"] = multi_caption_loss(logits, owner, logit_scale)
     return out
 
 
 def retrieval_metrics_multi_caption(
-    audio_emb: ArrayLike, text_emb: ArrayLike, caption_to_audio: ArrayLike | None = None
+    audio_emb: ArrayLike,
+    text_emb: ArrayLike,
+    caption_to_audio: ArrayLike | None = None,
+    logit_scale: float | ArrayLike | None = None,
 ) -> dict[str, float]:
     """:func:`multi_caption_metrics_from_logits` from embeddings (LAION's Clotho/AudioCaps eval).
 
@@ -248,6 +285,7 @@ def retrieval_metrics_multi_caption(
             LAION's layout: captions 5i … 5i+4 describe audio i.
         caption_to_audio: (M,) audio index of each caption; required for (M, d) input unless
             M is a multiple of N (then caption j describes audio j // (M / N)).
+        logit_scale: adds ``cumulative_loss`` (see :func:`multi_caption_metrics_from_logits`).
     """
     a = _as_float(audio_emb, "audio_emb", 2)
     t = torch.as_tensor(text_emb)
@@ -264,7 +302,7 @@ def retrieval_metrics_multi_caption(
                 f"{t.shape[0]} captions for {a.shape[0]} audios: pass caption_to_audio"
             )
         caption_to_audio = torch.arange(t.shape[0]) // (t.shape[0] // a.shape[0])
-    return multi_caption_metrics_from_logits(a.float() @ t.float().T, caption_to_audio)
+    return multi_caption_metrics_from_logits(a.float() @ t.float().T, caption_to_audio, logit_scale)
 
 
 def zero_shot_accuracy(

@@ -52,6 +52,7 @@ def test_tars(urls: list[str], batch_size: int = 1) -> SkipStats:
         n = 0
         for key, group in read_tar_samples(url, stats):
             n += decode_sample(key, group, spec, rng, url, stats) is not None
+        stats.clips += n
         log.info("%s: %d good samples", url, n)
     return stats
 
@@ -70,12 +71,18 @@ def test_tars_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     end = args.end
     if end is None:
-        import json
+        from clap_fast.data import read_sizes
 
-        from clap_fast.data import _read_bytes
-
-        sizes = json.loads(_read_bytes(args.tar_path.rstrip("/") + "/sizes.json"))
-        end = 1 + max(int(k.split(".")[0]) for k in sizes)
+        try:
+            sizes = read_sizes(args.tar_path.rstrip("/") + "/sizes.json")
+        except ValueError as exc:
+            p.error(str(exc))
+        if sizes is None:
+            p.error(f"--end not given and {args.tar_path}/sizes.json is missing: pass --end")
+        ids = [int(k.split(".")[0]) for k in sizes if k.split(".")[0].isdigit()]
+        if not ids:
+            p.error(f"{args.tar_path}/sizes.json names no <i>.tar shard: pass --end")
+        end = 1 + max(ids)
     ids = [i for i in range(args.start, end) if i not in set(args.exclude)]
     if not args.order:
         random.shuffle(ids)
@@ -94,13 +101,10 @@ def _load(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights of a LAION .pt / safetensors / HF file, or a train checkpoint directory."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").exists():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        # In memory, through the allow-listed reader: no cache file is written or trusted.
+        from clap_fast.safety import read_dcp_state_dict
 
-        out = path.parent / f".{path.name}.check.pt"
-        if not out.exists():
-            dcp_to_torch_save(path, out)
-        sd = torch.load(out, map_location="cpu", weights_only=False)["model"]
-        out.unlink()
+        sd = read_dcp_state_dict(path).get("model", {})
         return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     from clap_fast.checkpoint import read_state_dict
 
@@ -137,12 +141,16 @@ def check_ckpt_main(argv: list[str] | None = None) -> int:
     p.add_argument("b", nargs="?", help="second checkpoint to compare with")
     p.add_argument("--key", default="", help="only tensors whose name contains this")
     args = p.parse_args(argv)
-    if args.b is None:
-        rows = [f"{k}\t{list(s)}" for k, s in keys_in_state_dict(args.a) if args.key in k]
-        sys.stdout.write("".join(r + "\n" for r in rows))
-        return 0
-    differ = check_ckpt_diff(args.a, args.b, args.key)
-    total = sum(args.key in k for k in _load(args.a))
+    try:  # a refused, truncated or missing checkpoint: one line naming it, exit status 2
+        if args.b is None:
+            rows = [f"{k}\t{list(s)}" for k, s in keys_in_state_dict(args.a) if args.key in k]
+            sys.stdout.write("".join(r + "\n" for r in rows))
+            return 0
+        differ = check_ckpt_diff(args.a, args.b, args.key)
+        total = sum(args.key in k for k in _load(args.a))
+    except ValueError as exc:
+        sys.stderr.write(f"clap-fast check-ckpt: error: {exc}\n")
+        return 2
     sys.stdout.write("".join(f"differs\t{k}\n" for k in differ))
     sys.stdout.write(f"{len(differ)} of {total} tensors matching {args.key!r} differ\n")
     return 1 if differ else 0

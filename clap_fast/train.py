@@ -222,12 +222,22 @@ def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
 # ----------------------------------------------------------------------------- train
 def _train_data(cfg: TrainConfig, model_cfg: Any, d: Dist) -> tuple[WebAudioDataset, int, int]:
     """This rank's training stream -> (dataset, shards, samples per epoch over all ranks)."""
-    urls, num = [], 0
+    urls, num, unknown = [], 0, []
     for name in cfg.datasetnames:
+        found = False
         for info in cfg.datasetinfos:
-            if split_exists(cfg.datasetpath, name, info):
-                u, n = split_urls(cfg.datasetpath, name, info)
-                urls, num = urls + u, num + n
+            try:
+                if split_exists(cfg.datasetpath, name, info):
+                    u, n = split_urls(cfg.datasetpath, name, info)
+                    urls, num, found = urls + u, num + n, True
+            except ValueError as exc:  # a sizes.json that exists but is garbage
+                raise SystemExit(f"error: {exc}") from None
+        unknown += [] if found else [name]
+    if unknown and urls:  # a misspelled name is an error, never silently ignored
+        raise SystemExit(
+            f"error: --datasetnames {unknown}: no {cfg.datasetinfos} split with a sizes.json "
+            f"under {cfg.datasetpath}"
+        )
     if not urls:
         raise SystemExit(
             f"no training shards under {cfg.datasetpath} for {cfg.datasetnames} x {cfg.datasetinfos}"
@@ -353,6 +363,14 @@ def train(cfg: TrainConfig) -> dict[str, float]:
             done = cfg.max_steps is not None and step >= cfg.max_steps
         if bar is not None:
             bar.close()
+        if not done and batches_in_epoch < steps_per_epoch and d.main:
+            # the shards held fewer samples than sizes.json / --train-num-samples promised
+            short = {"epoch": epoch, "kind": "data_shortfall", "planned_steps": steps_per_epoch,
+                     "batches": batches_in_epoch, "planned_samples": num}  # fmt: skip
+            log.warning("epoch %d: sizes.json / --train-num-samples promised %d samples (%d steps "
+                        "per epoch; the schedule assumes them) but the data gave %d batches",
+                        epoch, num, steps_per_epoch, batches_in_epoch)  # fmt: skip
+            reporter.record(short)
         # drain: the epoch's remaining skip counts (batches past the sync point are dropped)
         for item in it:
             stats.merge(item["stats"])

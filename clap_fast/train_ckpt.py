@@ -2,11 +2,14 @@
 
 * ``save_checkpoint``: a ``torch.distributed.checkpoint`` directory under
   ``<logs>/<name>/checkpoints`` holding model, optimiser, ``meta.json`` (step, epoch, data
-  position = batches consumed in the epoch, top-K scores) and every rank's RNG. Written to a
-  temporary directory and renamed; ``epoch_latest`` is a symlink to ``latest_<step>`` replaced
-  atomically, so a crash never leaves a half-written checkpoint.
+  position = batches consumed in the epoch, top-K scores) and every rank's RNG (safetensors).
+  Written to a temporary directory and published whole; ``epoch_latest`` is a symlink to a
+  fresh ``latest_<step>`` replaced atomically, so a crash never leaves a half-written
+  checkpoint and no folder mixes two saves.
 * ``resume`` / ``load_checkpoint_into``: the reverse (``--resume latest`` or a path). The
-  learning rate is recomputed from the step, so the schedule needs no state of its own.
+  folder is checked first and every pickle in it is read through ``clap_fast.safety``; a
+  problem stops the run with one line naming it. The learning rate is recomputed from the
+  step, so the schedule needs no state of its own.
 * ``update_top_k``: ``--save-top-performance`` checkpoints ranked by an eval metric.
 * ``export_laion``: the full weights gathered into LAION's single-file ``.pt``
   (``final_laion.pt``, loadable by ``CLAP.from_pretrained``).
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,20 @@ from torch import nn
 
 from clap_fast.model import CLAP
 from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, agree, barrier
+from clap_fast.safety import (
+    UnsafeCheckpointError,
+    check_dcp_folder,
+    load_dcp,
+    load_rng_state,
+    save_rng_state,
+    set_rng_state,
+)
+from clap_fast.train_dist import Dist, all_gather_object, barrier
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint_into",
+    "check_checkpoint",
     "resume",
     "update_top_k",
     "save_epoch_end",
@@ -49,21 +60,8 @@ def _state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _rng_name(rank: int) -> str:
+    return f"rng_{rank}.safetensors"
 
 
 def save_checkpoint(
@@ -76,39 +74,44 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write a sharded checkpoint ``ckpt_dir/name`` (``epoch_latest``: a symlink).
 
-    Every rank writes its shards and RNG state into a temporary directory; rank 0 renames it
-    once all ranks are done. ``epoch_latest`` points at a concrete ``latest_<step>`` directory
-    and is swapped with ``os.replace`` (atomic), then the previous target is removed.
+    Every rank writes its shards and RNG state (safetensors) into a temporary directory; rank 0
+    then publishes the whole folder at once: ``epoch_latest`` points at a fresh directory
+    (``latest_<step>``, or ``latest_<step>-<k>`` when that name is taken, e.g. by a step
+    checkpoint at an epoch's end or another run) swapped in with ``os.replace`` on the link;
+    a named checkpoint (``epoch_<n>``) replaces an existing folder of that name by two renames.
+    A folder therefore never mixes the tensors of two saves.
     """
     import torch.distributed.checkpoint as dcp
 
     step = meta["step"]
-    final = ckpt_dir / (f"latest_{step:08d}" if name == "epoch_latest" else name)
+    meta = {**meta, "world": d.world}
+    if name == "epoch_latest":
+        base, k = f"latest_{step:08d}", 0
+        final = ckpt_dir / base
+        while final.exists() or final.is_symlink():
+            k += 1
+            final = ckpt_dir / f"{base}-{k}"
+        final = ckpt_dir / all_gather_object(final.name, d)[0]  # rank 0's choice
+    else:
+        final = ckpt_dir / name
     tmp = ckpt_dir / f".tmp_{final.name}"
-    if name == "epoch_latest" and agree(final.exists() if d.main else True, d):
-        # Same step already saved (e.g. a step checkpoint at an epoch's end): the weights and
-        # optimiser are identical; swap in the new RNG states and meta, each file atomically.
-        torch.save(_rng_state(), final / f"rng_{d.rank}.pt.tmp")
-        os.replace(final / f"rng_{d.rank}.pt.tmp", final / f"rng_{d.rank}.pt")
-        barrier(d)
-        if d.main:
-            (final / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
-            os.replace(final / "meta.json.tmp", final / "meta.json")
-            _point_latest(ckpt_dir, final)
-        barrier(d)
-        return ckpt_dir / name
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(d)
     dcp.save(_state(model, opt), checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / f"rng_{d.rank}.pt")
+    save_rng_state(tmp / _rng_name(d.rank))
     barrier(d)
     if d.main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            trash = ckpt_dir / f".old_{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, final)
         if name == "epoch_latest":
             _point_latest(ckpt_dir, final)
     barrier(d)
@@ -127,13 +130,61 @@ def _point_latest(ckpt_dir: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+META_KEYS = ("step", "epoch", "batches_in_epoch")
+
+
+def check_checkpoint(path: Path, d: Dist) -> dict:
+    """Check a training checkpoint folder before anything is loaded -> its meta.
+
+    Raises UnsafeCheckpointError with one line naming the problem: not a folder (e.g. a
+    ``.pt``), an empty folder, missing / unparsable ``meta.json`` or a key of it, this rank's
+    missing RNG file, ``.metadata`` refused by the allow-list, a missing or truncated shard.
+    """
+    if path.is_symlink() and not path.exists():
+        raise UnsafeCheckpointError(f"{path} is a dangling link (to {os.readlink(path)})")
+    if not path.exists():
+        raise UnsafeCheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise UnsafeCheckpointError(
+            f"{path} is a file, not a training checkpoint folder (<logs>/<name>/checkpoints/"
+            "epoch_latest or epoch_<n>); load LAION .pt weights with --pretrained instead"
+        )
+    if not any(path.iterdir()):
+        raise UnsafeCheckpointError(f"{path} is an empty folder")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise UnsafeCheckpointError(f"{path}: meta.json is missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnsafeCheckpointError(f"{path}/meta.json does not parse ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UnsafeCheckpointError(f"{path}/meta.json is not an object")
+    for k in META_KEYS:
+        if not isinstance(meta.get(k), int) or isinstance(meta.get(k), bool) or meta[k] < 0:
+            raise UnsafeCheckpointError(
+                f"{path}/meta.json: {k!r} must be an integer >= 0, got {meta.get(k)!r}"
+            )
+    if not (path / _rng_name(d.rank)).is_file() and not (path / f"rng_{d.rank}.pt").is_file():
+        saved = meta.get("world", "?")
+        raise UnsafeCheckpointError(
+            f"{path}: RNG state of rank {d.rank} ({_rng_name(d.rank)}) is missing "
+            f"(saved by {saved} ranks, resuming with {d.world})"
+        )
+    check_dcp_folder(path)
+    return meta
+
+
 def load_checkpoint_into(
     path: Path, model: nn.Module, opt: torch.optim.Optimizer | None, d: Dist
 ) -> dict:
-    """Restore model (and optimiser, RNG) from a checkpoint directory; returns its meta."""
-    import torch.distributed.checkpoint as dcp
+    """Restore model (and optimiser, RNG) from a checkpoint directory; returns its meta.
+
+    Every pickle in the folder is read through ``clap_fast.safety`` (allow-listed metadata,
+    ``weights_only=True`` elsewhere); the folder is checked first (``check_checkpoint``).
+    """
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    meta = check_checkpoint(path, d)
     path = path.resolve()
     if opt is None:
         from torch.distributed.checkpoint.state_dict import (
@@ -142,16 +193,15 @@ def load_checkpoint_into(
         )
 
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path))
+        load_dcp(state, path)
         set_model_state_dict(model, state["model"])
-        return json.loads((path / "meta.json").read_text())
+        return meta
     state = _state(model, opt)
-    dcp.load(state, checkpoint_id=str(path))
+    load_dcp(state, path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = path / f"rng_{d.rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((path / "meta.json").read_text())
+    rng = path / _rng_name(d.rank)
+    set_rng_state(load_rng_state(rng if rng.is_file() else path / f"rng_{d.rank}.pt"))
+    return meta
 
 
 def export_laion(model: nn.Module, cfg_model: Any, path: Path, d: Dist, epoch: int) -> None:
@@ -210,12 +260,19 @@ def resume(
     if not cfg.resume:
         return 0, 0, 0, []
     path = ckpt_dir / "epoch_latest" if cfg.resume == "latest" else Path(cfg.resume)
-    if not path.exists():
-        if cfg.resume != "latest":
-            raise SystemExit(f"--resume {cfg.resume}: no such checkpoint")
-        log.info("--resume latest: no checkpoint yet, starting fresh")
+    if cfg.resume == "latest" and not path.exists() and not path.is_symlink():
+        others = sorted(p.name for p in ckpt_dir.glob("*") if p.is_dir() and p.name[0] != ".")
+        if others:
+            raise SystemExit(
+                f"--resume latest: {path} is missing but {ckpt_dir} holds {others[:5]}; "
+                "pass one of them to --resume, or remove them to start fresh"
+            )
+        log.warning("--resume latest: no checkpoint in %s yet, starting fresh", ckpt_dir)
         return 0, 0, 0, []
-    meta = load_checkpoint_into(path, model, opt, d)
+    try:
+        meta = load_checkpoint_into(path, model, opt, d)  # checks the folder first
+    except UnsafeCheckpointError as exc:
+        raise SystemExit(f"--resume {cfg.resume}: {exc}") from None
     step, epoch, skip = meta["step"], meta["epoch"], meta["batches_in_epoch"]
     log.info("resumed from %s: step %d, epoch %d, %d batches into it", path, step, epoch, skip)
     return step, epoch, skip, meta.get("best", [])

@@ -55,10 +55,11 @@ def _pad_batch(x: dict[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Te
 
 @torch.no_grad()
 def _embed_all(
-    model: nn.Module, batches: Any, d: Dist, bs: int, template: dict
+    model: nn.Module, batches: Any, d: Dist, bs: int, template: dict, scale: list | None = None
 ) -> tuple[list, list, list]:
-    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings."""
-    audio, text, owners = [], [], []
+    """Run every rank's eval batches (padded; ranks do equally many forwards) -> embeddings and
+    caption owners; ``scale`` (a list, if given) receives ``exp(logit_scale_a)`` as a float."""
+    audio, text, owners, last = [], [], [], []
     it = iter(batches)
     while True:
         b = next(it, None)
@@ -75,6 +76,9 @@ def _embed_all(
             audio.append(out["audio_features"][:n].float().cpu())
             text.append(out["text_features"][:m].float().cpu())
             owners.append(b["caption_owner"])
+        last[:] = [out["logit_scale_a"].detach().reshape(-1)[0]]
+    if scale is not None:
+        scale[:] = [float(x) for x in last]  # one host sync
     return audio, text, owners
 
 
@@ -102,8 +106,9 @@ def evaluate(
         )  # fmt: skip
         if template is None:
             template = eval_template(model_cfg, cfg, d)
+        scale: list[float] = []
         a, t, o = _embed_all(
-            model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template
+            model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template, scale
         )
         parts = all_gather_object((a, t, o), d)
         A, T, owner, base = [], [], [], 0
@@ -121,7 +126,7 @@ def evaluate(
         res = {f"{name}/{k}": v for k, v in metrics.retrieval_metrics(A_, T_[first]).items()}
         counts = torch.bincount(own, minlength=A_.shape[0])
         if bool((counts == 5).all()):
-            mc = metrics.retrieval_metrics_multi_caption(A_, T_, own)
+            mc = metrics.retrieval_metrics_multi_caption(A_, T_, own, (scale or [None])[0])
             res.update({f"{name}/5cap_{k}": v for k, v in mc.items()})
         results.update(res)
     if cfg.zeroshot_folder:

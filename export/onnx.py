@@ -37,6 +37,7 @@ import torch
 
 from clap_fast import ops
 from clap_fast.model import CLAP
+from clap_fast.validate import check_output_dir
 from export.encoders import (
     EagerReference,
     ModelSpec,
@@ -417,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_opset(args.opset)
         spec = spec_from_args(args)
+        check_output_dir(args.out)  # an existing file or a read-only folder: before any work
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     towers = ("audio", "text") if args.tower == "both" else (args.tower,)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from clap_fast.validate import check_output_dir
 from export.encoders import EagerReference, load_model, parity, sha256_file
 from export.onnx import ExportError, build_parser, check_opset, spec_from_args, tower_inputs
 
@@ -317,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--workspace must be > 0 GB, got {args.workspace}")
         check_opset(args.opset)
         spec = spec_from_args(args)
+        check_output_dir(args.out)  # an existing file or a read-only folder: before any work
     except (ValueError, FileNotFoundError) as exc:
         parser.exit(2, f"error: {exc}\n")
     from export.onnx import export_tower
