@@ -80,9 +80,7 @@ def _seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig) -> CLAP:
     """The CLAP model of the run (random init from ``--seed``, or ``--pretrained`` weights)."""
     if cfg.pretrained and cfg.pretrained.lower() != "openai":
-        from clap_fast.checkpoint import load_pretrained
-
-        model = load_pretrained(cfg.pretrained, device="cpu")
+        model = CLAP.from_pretrained(cfg.pretrained, device="cpu")
     else:
         if cfg.pretrained:
             log.warning(

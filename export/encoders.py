@@ -129,9 +129,7 @@ def load_model(spec: ModelSpec) -> CLAP:
         path = Path(spec.checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        from clap_fast.checkpoint import load_pretrained
-
-        return load_pretrained(path, device="cpu", text_overrides=spec.text_overrides).eval()
+        return clap_fast.from_pretrained(path, device="cpu", text_overrides=spec.text_overrides)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(spec.seed)
     try:
