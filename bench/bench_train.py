@@ -106,7 +106,7 @@ def test_train_step_cpu(benchmark, mode: str, monkeypatch) -> None:
 def test_train_step_gpu(benchmark, recipe: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clap_fast.train_log import _PEAK_FLOPS
+    from clap_fast.train.log import _PEAK_FLOPS
 
     torch.manual_seed(0)
     model = clap_fast.create_model("HTSAT-tiny", text="roberta", device="cuda").train()

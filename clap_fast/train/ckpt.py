@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, agree, barrier
+from clap_fast.train.dist import Dist, agree, barrier
+from clap_fast.train.params import TrainConfig
 
 __all__ = [
     "save_checkpoint",

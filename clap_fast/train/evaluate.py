@@ -23,8 +23,8 @@ from torch import nn
 
 from clap_fast import metrics
 from clap_fast.data import DecodeSpec, WebAudioDataset, make_loader, split_exists, split_urls
-from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, agree, all_gather_object
+from clap_fast.train.dist import Dist, agree, all_gather_object
+from clap_fast.train.params import TrainConfig
 
 __all__ = ["evaluate", "eval_template", "to_device", "forward"]
 

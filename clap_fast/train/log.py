@@ -22,9 +22,9 @@ import torch
 
 from clap_fast.data import SkipStats
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, all_gather_object, barrier
-from clap_fast.train_eval import eval_template, forward
+from clap_fast.train.dist import Dist, all_gather_object, barrier
+from clap_fast.train.evaluate import eval_template, forward
+from clap_fast.train.params import TrainConfig
 
 __all__ = [
     "open_run",

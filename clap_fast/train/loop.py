@@ -1,8 +1,8 @@
 """Train CLAP: ``torchrun --nproc_per_node N -m clap_fast.train …`` or ``python -m clap_fast.train …``.
 
-Accepts the seed README's command (see ``clap_fast.params``). This file is the entry point, the
-setup and one flat loop; checkpoints live in ``train_ckpt``, evaluation in ``train_eval``, logs
-and meters in ``train_log``, process-group helpers in ``train_dist``.
+Accepts the seed README's command (see ``params``). This file is the setup and one flat loop
+(``main`` is what ``clap_fast/train/__main__.py`` runs); checkpoints live in ``ckpt``,
+evaluation in ``evaluate``, logs and meters in ``log``, process-group helpers in ``dist``.
 
 * model: FSDP2 (``fully_shard`` per Swin block, per Swin stage, per text layer, then the
   root) or DDP; ``--compile`` compiles each block / layer in place (static shapes: the last
@@ -14,7 +14,7 @@ and meters in ``train_log``, process-group helpers in ``train_dist``.
   of them still hold a batch (one tiny all-reduce), so uneven shards or skipped samples never
   hang a collective; skip counts are reported at each epoch's end.
 * checkpoints (``<logs>/<name>/checkpoints``): sharded, atomic, resumable mid-epoch
-  (``train_ckpt``); ``final_laion.pt`` is LAION's single-file layout.
+  (``ckpt``); ``final_laion.pt`` is LAION's single-file layout.
 * logs: ``out.log``, ``results.jsonl``, ``params.json``, tensorboard / wandb, tqdm on rank 0.
 """
 
@@ -43,17 +43,17 @@ from clap_fast.data import (
 )
 from clap_fast.loss import ClipLoss, clamp_logit_scale_
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig, parse_args
-from clap_fast.train_ckpt import (
+from clap_fast.train.ckpt import (
     export_laion,
     load_checkpoint_into,
     resume,
     save_checkpoint,
     save_epoch_end,
 )
-from clap_fast.train_dist import Dist, GlobalBatchNorm2d, agree, init_distributed
-from clap_fast.train_eval import evaluate, forward, to_device
-from clap_fast.train_log import Reporter, Throughput, flops_per_sample, format_table, open_run
+from clap_fast.train.dist import Dist, GlobalBatchNorm2d, agree, init_distributed
+from clap_fast.train.evaluate import evaluate, forward, to_device
+from clap_fast.train.log import Reporter, Throughput, flops_per_sample, format_table, open_run
+from clap_fast.train.params import TrainConfig, parse_args
 
 __all__ = [
     "main",
@@ -382,7 +382,3 @@ def main(argv: list[str] | None = None) -> int:
     if metrics:
         sys.stdout.write(format_table(metrics))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
