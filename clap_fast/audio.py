@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -44,8 +45,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FILL_POLICIES = ("repeatpad", "repeat", "pad")
-LONG_POLICIES = ("sliding", "first", "rand_trunc", "fusion")
+Filling = Literal["repeatpad", "repeat", "pad"]
+"""Short clips (see the module docstring)."""
+LongAudio = Literal["sliding", "first", "rand_trunc", "fusion"]
+"""Long clips (see the module docstring)."""
+FILL_POLICIES: tuple[str, ...] = get_args(Filling)
+LONG_POLICIES: tuple[str, ...] = get_args(LongAudio)
 
 
 def as_waveform_list(
