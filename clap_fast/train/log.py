@@ -152,7 +152,7 @@ def flops_per_sample(model: CLAP, model_cfg: Any) -> float:
     """Forward FLOPs of one clip + one caption (counted once, on a batch of 1)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = eval_template(model_cfg, TrainConfig(enable_fusion=model_cfg.enable_fusion), Dist())
+    x = eval_template(model_cfg, torch.device("cpu"))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         forward(model.eval(), x)
     model.train()
