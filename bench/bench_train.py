@@ -3,9 +3,11 @@
 Benchmarks (one optimiser step = forward, ClipLoss, backward, AdamW, logit-scale clamp; the
 log-mel runs inside the step, as in ``clap_fast.train``):
 
-* ``test_train_step_cpu[eager|compiled]``: HTSAT-mini + a 2-layer CLIP-style text tower, batch
-  4, 1 s clips, CPU fp32; ``compiled`` compiles each Swin block and text layer as the trainer's
-  ``--compile`` does (static shapes).
+* ``test_train_step_cpu[eager|compiled|eager_bf16]``: HTSAT-mini + a 2-layer CLIP-style text
+  tower, batch 4, 1 s clips, CPU fp32; ``compiled`` compiles each Swin block and text layer as
+  the trainer's ``--compile`` does (static shapes); ``eager_bf16`` is ``--precision bf16`` on a
+  CPU with bf16 units (bf16 autocast; skipped on CPUs without them, where the trainer falls
+  back to fp32).
 * ``test_train_step_gpu[laion_fp32_eager|ours_bf16_compiled]`` (CUDA only): HTSAT-tiny +
   RoBERTa-sized text tower at batch 64, 10 s clips. LAION's recipe = fp32, eager, reference ops
   (``CLAP_FAST_BACKEND=reference``); ours = bf16 autocast (fp32 front end and loss), compiled
@@ -25,30 +27,21 @@ import torch
 
 import clap_fast
 from clap_fast import ops
-from clap_fast.loss import ClipLoss, clamp_logit_scale_
-from clap_fast.train import param_groups
+from clap_fast.loss import ClipLoss
+from clap_fast.train import param_groups, train_step
+from clap_fast.train.precision import cpu_has_bf16_units, resolve_precision
 
 HAS_GPU = torch.cuda.is_available()
 
 
 def _step_fn(model: clap_fast.CLAP, batch: dict[str, torch.Tensor], bf16: bool):
+    """The trainer's own ``train_step`` (one process: bf16 is autocast on the batch's device)."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=batch["waveform"].is_cuda)
     loss_fn = ClipLoss()
-    dev = batch["waveform"].device.type
+    prec = resolve_precision("bf16" if bf16 else "fp32", batch["waveform"].device, sharded=False)
 
-    def step() -> float:
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch["waveform"], batch["input_ids"], batch["attention_mask"])
-        loss = loss_fn(
-            out["audio_features"].float(),
-            out["text_features"].float(),
-            out["logit_scale_a"].float(),
-        )
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        clamp_logit_scale_(model)
-        return loss.detach()
+    def step() -> torch.Tensor:
+        return train_step(model, opt, loss_fn, batch, 1e-4, prec)[0]
 
     return step
 
@@ -87,8 +80,10 @@ def _run(
         benchmark.extra_info["mfu"] = 3 * flops * sps / peak
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "eager_bf16"])
 def test_train_step_cpu(benchmark, mode: str, monkeypatch) -> None:
+    if mode.endswith("bf16") and not cpu_has_bf16_units():
+        pytest.skip("this CPU has no bf16 units (the trainer runs fp32 here)")
     torch.manual_seed(0)
     model = clap_fast.create_model(
         "HTSAT-mini", text="transformer", text_overrides={"width": 64, "layers": 2, "heads": 2}
@@ -97,7 +92,8 @@ def test_train_step_cpu(benchmark, mode: str, monkeypatch) -> None:
     if mode == "compiled":
         _compile_blocks(model)
     with ops.use_backend("reference"):
-        _run(benchmark, _step_fn(model, _batch(4, 48000, 77, 49408, "cpu"), bf16=False), 4)
+        batch = _batch(4, 48000, 77, 49408, "cpu")
+        _run(benchmark, _step_fn(model, batch, bf16=mode.endswith("bf16")), 4)
 
 
 @pytest.mark.gpu
@@ -106,7 +102,7 @@ def test_train_step_cpu(benchmark, mode: str, monkeypatch) -> None:
 def test_train_step_gpu(benchmark, recipe: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clap_fast.train_log import _PEAK_FLOPS
+    from clap_fast.train.log import _PEAK_FLOPS
 
     torch.manual_seed(0)
     model = clap_fast.create_model("HTSAT-tiny", text="roberta", device="cuda").train()

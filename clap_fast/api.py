@@ -33,25 +33,6 @@ def _chunks(n: int, size: int) -> Iterator[range]:
 class InferenceMixin:
     """Methods users call on a CLAP model (see DESIGN.md, "Public API")."""
 
-    # ------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs):
-        """Load LAION ``.pt``, HF ClapModel (dir / safetensors), open_clip, or our own format.
-
-        The architecture is detected from the weights. A bare released name
-        (e.g. "630k-audioset-best") is fetched through huggingface_hub into its cache.
-        See ``clap_fast.checkpoint.load_pretrained`` for the keyword arguments.
-        """
-        from clap_fast.checkpoint import load_pretrained
-
-        return load_pretrained(name_or_path, **kwargs)
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (our format)."""
-        from clap_fast.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
-
     @property
     def device(self) -> torch.device:
         return ops.device_of(self)

@@ -1,5 +1,20 @@
 """Waveform preprocessing: validation, decoding, resampling, LAION's int16 round trip, filling
-and the long-audio policies.
+and the long-audio policies: one path for the inference API and the training loader.
+
+``decode_audio`` (file or bytes -> 1-D clip at the model's rate) and ``prepare_clip`` (1-D clip
+-> model input) are the preparation steps; ``prepare_batch`` (the API, zero-shot evaluation)
+and ``clap_fast.data`` (the training loader) both call them. Where LAION's inference and
+training code differ, the difference is a named option, not a second pipeline:
+
+  =============  ====================================  ======================================
+  option         inference API (default)               training loader (LAION's training)
+  =============  ====================================  ======================================
+  ``downmix``    "mean" of all channels                "first": channel 0 only
+  ``antialias``  True: the fusion's whole-clip view    False: torchvision < 0.17's Resize,
+                 resized as laion_clap does today      what LAION trained with
+  ``long_audio`` "sliding" windows (deterministic)     "rand_trunc" (LAION's random crop)
+  ``generator``  None: centred fusion crops            seeded per sample: random crops
+  =============  ====================================  ======================================
 
 Short clips (fewer than ``clip_samples``):
   ``repeatpad`` (default; LAION's everywhere) tiles the clip ``clip_samples // len`` times and
@@ -18,10 +33,14 @@ Long clips (more than ``clip_samples``) — ``long_audio``:
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -38,15 +57,24 @@ __all__ = [
     "int16_round_trip",
     "fill",
     "resample",
+    "decode_audio",
     "load_audio",
+    "PreparedClip",
+    "prepare_clip",
     "AudioBatch",
     "prepare_batch",
 ]
 
 log = logging.getLogger(__name__)
 
-FILL_POLICIES = ("repeatpad", "repeat", "pad")
-LONG_POLICIES = ("sliding", "first", "rand_trunc", "fusion")
+Filling = Literal["repeatpad", "repeat", "pad"]
+"""Short clips (see the module docstring)."""
+LongAudio = Literal["sliding", "first", "rand_trunc", "fusion"]
+"""Long clips (see the module docstring)."""
+Downmix = Literal["mean", "first"]
+"""Multi-channel files: the mean of the channels, or LAION's training loader's channel 0."""
+FILL_POLICIES: tuple[str, ...] = get_args(Filling)
+LONG_POLICIES: tuple[str, ...] = get_args(LongAudio)
 
 
 def as_waveform_list(
@@ -129,19 +157,33 @@ def resample(x: torch.Tensor, orig: int, target: int) -> torch.Tensor:
     return AF.resample(x, int(orig), int(target))
 
 
-def load_audio(path: str, target_sr: int) -> torch.Tensor:
-    """Decode a file with soundfile (wav / flac / ogg …), downmix by mean, resample -> 1-D float32."""
+def decode_audio(
+    source: str | os.PathLike | bytes, target_sr: int, *, downmix: Downmix = "mean"
+) -> torch.Tensor:
+    """Decode a file (path) or its bytes with soundfile (wav / flac / ogg …), downmix, resample
+    -> 1-D float32 clip at ``target_sr``. Raises ValueError for an empty or non-finite file."""
     import soundfile as sf
 
-    with sf.SoundFile(str(path)) as f:
-        _check_not_truncated(path, f.extra_info)
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else name) as f:
+        _check_not_truncated(name, f.extra_info)
         data, sr = f.read(dtype="float32", always_2d=True), f.samplerate
     if data.shape[0] == 0:
-        raise ValueError(f"{path}: no samples")
-    x = torch.from_numpy(data.mean(axis=1))
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{path}: NaN or infinite samples")
-    return resample(x, sr, target_sr)
+        raise ValueError(f"{name}: no samples")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{name}: NaN or infinite samples")
+    if downmix == "mean":
+        mono = data.mean(axis=1)
+    elif downmix == "first":
+        mono = np.ascontiguousarray(data[:, 0])
+    else:
+        raise ValueError(f"downmix must be one of {get_args(Downmix)}, got {downmix!r}")
+    return resample(torch.from_numpy(mono), int(sr), target_sr)
+
+
+def load_audio(path: str, target_sr: int) -> torch.Tensor:
+    """A file -> 1-D float32 clip at ``target_sr``, downmixed by mean (the API's choice)."""
+    return decode_audio(path, target_sr, downmix="mean")
 
 
 _DATA_LEN = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
@@ -188,53 +230,105 @@ def _windows(
     return [x[s : s + clip] for s in starts]
 
 
-def prepare_batch(
-    clips: list[torch.Tensor],
-    cfg: AudioConfig,
-    *,
-    fusion: bool,
-    data_filling: str = "repeatpad",
-    long_audio: str | None = None,
-    generator: torch.Generator | None = None,
-    antialias: bool = True,
-    device: torch.device | None = None,
-) -> AudioBatch:
-    """Turn validated 48 kHz clips into model inputs (int16 round trip, fill, long policy).
+@dataclass
+class PreparedClip:
+    """One clip as model input: ``windows`` (W, clip_samples) float32 (non-fusion; W > 1 only
+    for ``sliding``), or ``mel_fusion`` (4, frames, mel_bins) float32 and ``longer``."""
 
-    Fusion mel views are computed with ``ops.log_mel`` on ``device``.
-    """
-    clip = cfg.clip_samples
-    if data_filling not in FILL_POLICIES:
-        raise ValueError(f"data filling must be one of {FILL_POLICIES}, got {data_filling!r}")
+    windows: torch.Tensor | None = None
+    mel_fusion: torch.Tensor | None = None
+    longer: bool = False
+
+
+@functools.cache
+def _htk_fb(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> torch.Tensor:
+    with torch.inference_mode(False):  # a cached inference tensor would break autograd later
+        return htk_mel_fb(sample_rate, n_fft, n_mels, fmin, fmax)
+
+
+def _check_options(fusion: bool, filling: str, long_audio: str | None) -> str:
+    if filling not in FILL_POLICIES:
+        raise ValueError(f"data filling must be one of {FILL_POLICIES}, got {filling!r}")
     long_audio = long_audio or ("fusion" if fusion else "sliding")
     if long_audio not in LONG_POLICIES:
         raise ValueError(f"long-audio policy must be one of {LONG_POLICIES}, got {long_audio!r}")
     if fusion != (long_audio == "fusion"):
         raise ValueError("fusion models take long_audio='fusion', and only they do")
-    clips = [int16_round_trip(c) for c in clips]
+    return long_audio
+
+
+def prepare_clip(
+    x: torch.Tensor,
+    cfg: AudioConfig,
+    *,
+    fusion: bool,
+    data_filling: Filling = "repeatpad",
+    long_audio: LongAudio | None = None,
+    generator: torch.Generator | None = None,
+    antialias: bool = True,
+    clip_samples: int | None = None,
+    device: torch.device | None = None,
+) -> PreparedClip:
+    """One validated 1-D clip at ``cfg.sample_rate`` -> model input (see the module docstring).
+
+    int16 round trip, then: non-fusion, a short clip is filled (``data_filling``) and a long one
+    cut by ``long_audio`` (default ``sliding``); fusion, the HTK log-mel of the (filled) clip
+    computed by ``ops.log_mel`` on ``device`` and its 4 views (``antialias``, ``generator`` for
+    random crops). ``clip_samples`` overrides the config's clip length.
+    """
+    long_audio = _check_options(fusion, data_filling, long_audio)
+    clip = clip_samples or cfg.clip_samples
+    x = int16_round_trip(x)
     if not fusion:
-        wins, owner = [], []
-        for i, c in enumerate(clips):
-            parts = (
-                _windows(c, clip, long_audio, generator)
-                if c.shape[0] > clip
-                else [fill(c, clip, data_filling)]
-            )
-            wins += parts
-            owner += [i] * len(parts)
-        return AudioBatch(owner=torch.tensor(owner), waveform=torch.stack(wins).to(device))
-    fb = htk_mel_fb(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax).to(device)
+        if x.shape[0] > clip:
+            return PreparedClip(windows=torch.stack(_windows(x, clip, long_audio, generator)))
+        return PreparedClip(windows=fill(x, clip, data_filling)[None])
+    if x.shape[0] <= clip:
+        x = fill(x, clip, data_filling)
+    fb = _htk_fb(cfg.sample_rate, cfg.window_size, cfg.mel_bins, cfg.fmin, cfg.fmax).to(device)
+    mel = ops.log_mel(x[None].to(device), fb, n_fft=cfg.window_size, hop_length=cfg.hop_size)[0]
     chunk = clip // cfg.hop_size + 1
-    views, longer = [], []
-    for c in clips:
-        if c.shape[0] <= clip:
-            c = fill(c, clip, data_filling)
-        mel = ops.log_mel(c[None].to(device), fb, n_fft=cfg.window_size, hop_length=cfg.hop_size)[0]
-        v, is_longer = fusion_views(mel, chunk, antialias=antialias, generator=generator)
-        views.append(v)
-        longer.append(is_longer)
+    views, longer = fusion_views(mel, chunk, antialias=antialias, generator=generator)
+    return PreparedClip(mel_fusion=views, longer=longer)
+
+
+def prepare_batch(
+    clips: list[torch.Tensor],
+    cfg: AudioConfig,
+    *,
+    fusion: bool,
+    data_filling: Filling = "repeatpad",
+    long_audio: LongAudio | None = None,
+    generator: torch.Generator | None = None,
+    antialias: bool = True,
+    device: torch.device | None = None,
+) -> AudioBatch:
+    """Validated 48 kHz clips -> a batch of model inputs, each through ``prepare_clip``.
+
+    Fusion mel views are computed with ``ops.log_mel`` on ``device``.
+    """
+    _check_options(fusion, data_filling, long_audio)
+    preps = [
+        prepare_clip(
+            c,
+            cfg,
+            fusion=fusion,
+            data_filling=data_filling,
+            long_audio=long_audio,
+            generator=generator,
+            antialias=antialias,
+            device=device,
+        )  # fmt: skip
+        for c in clips
+    ]
+    if not fusion:
+        counts = torch.tensor([len(p.windows) for p in preps])
+        return AudioBatch(
+            owner=torch.repeat_interleave(torch.arange(len(clips)), counts),
+            waveform=torch.cat([p.windows for p in preps]).to(device),
+        )
     return AudioBatch(
         owner=torch.arange(len(clips)),
-        mel_fusion=torch.stack(views),
-        longer=torch.tensor(longer, device=device),
+        mel_fusion=torch.stack([p.mel_fusion for p in preps]),
+        longer=torch.tensor([p.longer for p in preps], device=device),
     )

@@ -4,6 +4,11 @@ Loading never unpickles arbitrary code: ``.pt`` files go through ``torch.load(we
 with only NumPy's scalar/dtype globals allow-listed (LAION's envelope stores a NumPy scalar).
 The architecture (HTSAT tiny/base/large or PANN 6/10/14, fusion, text tower and its size) is
 detected from the weights, so a HTSAT-base checkpoint cannot be loaded into a tiny model.
+
+This module knows formats, not the model class (it imports nothing of ``clap_fast.model``):
+``clap_fast.factory`` / ``CLAP.from_pretrained`` build the model from ``read_checkpoint``.
+``fix_laion_state_dict`` is the one place where LAION / transformers-version differences
+between a checkpoint and our model are reconciled.
 """
 
 from __future__ import annotations
@@ -14,14 +19,18 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from clap_fast.config import CLAPConfig, HTSATConfig, get_config
-from clap_fast.model import CLAP, no_init
+
+if TYPE_CHECKING:
+    from clap_fast.model import CLAP
 
 __all__ = [
     "RELEASED",
@@ -31,7 +40,8 @@ __all__ = [
     "from_hf_state_dict",
     "to_laion_state_dict",
     "save_laion_checkpoint",
-    "load_pretrained",
+    "read_checkpoint",
+    "fix_laion_state_dict",
     "save_pretrained",
     "load_into",
 ]
@@ -320,8 +330,41 @@ def _detect_text(sd: Mapping[str, torch.Tensor], cfg: CLAPConfig):
 
 
 # ----------------------------------------------------------------- load / save
+# Buffers some transformers versions keep in RoBERTa/BERT state dicts and others do not.
+OPTIONAL_TEXT_BUFFERS = (
+    "text_branch.embeddings.position_ids",
+    "text_branch.embeddings.token_type_ids",
+)
+
+
+def fix_laion_state_dict(
+    sd: MutableMapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], prefix: str = ""
+) -> list[str]:
+    """Reconcile a LAION-layout state dict with our model, in place; returns the keys filled.
+
+    * ``logit_scale_a/_t``: LAION stores them 0-d; ours are shape (1,) (FSDP2 refuses 0-d
+      parameters), so 0-d values are reshaped (``to_laion_state_dict`` writes them 0-d again).
+    * RoBERTa / BERT ``position_ids`` / ``token_type_ids`` buffers, which some transformers
+      versions keep and others do not: dropped when the model lacks them, taken from the model
+      (``own``, keys without ``prefix``) when the checkpoint lacks them.
+    """
+    for name in ("logit_scale_a", "logit_scale_t"):
+        key = prefix + name
+        if key in sd and sd[key].dim() == 0:
+            sd[key] = sd[key].reshape(1)
+    filled = []
+    for name in OPTIONAL_TEXT_BUFFERS:
+        key = prefix + name
+        if name not in own:
+            sd.pop(key, None)
+        elif key not in sd:
+            sd[key] = own[name].detach().clone()
+            filled.append(name)
+    return filled
+
+
 def load_into(
-    model: CLAP, sd: Mapping[str, torch.Tensor], *, fill_missing: tuple[str, ...] = ()
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, fill_missing: tuple[str, ...] = ()
 ) -> list[str]:
     """Strictly load ``sd`` into ``model``; keys matching ``fill_missing`` prefixes/substrings may
     be absent (they keep the model's values). Returns the keys that were filled.
@@ -330,15 +373,9 @@ def load_into(
     """
     own = model.state_dict()
     sd = dict(sd)
-    for name in ("logit_scale_a", "logit_scale_t"):
-        if name in sd and sd[name].dim() == 0:
-            sd[name] = sd[name].reshape(1)
-    optional = ("text_branch.embeddings.position_ids", "text_branch.embeddings.token_type_ids")
-    for k in optional:
-        if k not in own:
-            sd.pop(k, None)
+    filled = fix_laion_state_dict(sd, own)
     missing = [k for k in own if k not in sd]
-    filled = [k for k in missing if k in optional or any(f in k for f in fill_missing)]
+    filled += [k for k in missing if any(f in k for f in fill_missing)]
     missing = [k for k in missing if k not in filled]
     unexpected = [k for k in sd if k not in own]
     not_tensors = [k for k in sd if k in own and not isinstance(sd[k], torch.Tensor)]
@@ -393,15 +430,11 @@ def _resolve_released(name: str) -> Path:
         ) from exc
 
 
-def load_pretrained(
-    name_or_path: str | os.PathLike,
-    *,
-    device: str | torch.device | None = "cpu",
-    text_overrides: dict | None = None,
-) -> CLAP:
-    """Build the right architecture for a checkpoint and load it strictly (see module docstring)."""
-    from clap_fast import ops
-
+def read_checkpoint(
+    name_or_path: str | os.PathLike, *, text_overrides: dict[str, Any] | None = None
+) -> tuple[CLAPConfig, dict[str, torch.Tensor], dict]:
+    """A checkpoint (path, or a released name fetched via huggingface_hub) -> (the config that
+    fits it, its state dict in our layout, info with "format" (laion | ours | hf) and "path")."""
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path).removesuffix(".pt") in RELEASED:
         path = _resolve_released(str(name_or_path))
@@ -415,21 +448,8 @@ def load_pretrained(
             cfg.text.hf[k] = hf_text[k]
     for k, v in (text_overrides or {}).items():
         setattr(cfg.text, k, v)
-    if info["format"] == "hf":
-        model = CLAP(cfg)  # HF lacks some keys: they keep a proper random init
-    else:
-        with no_init():  # every parameter is about to be overwritten
-            model = CLAP(cfg)
-    filled = load_into(model, sd, fill_missing=HF_FILLED if info["format"] == "hf" else ())
-    if filled:
-        log.info(
-            "%s: %d keys absent from the checkpoint kept the model's values (%s …)",
-            path,
-            len(filled),
-            filled[0],
-        )
-    model.eval()
-    return model.to(ops.resolve_device(device))
+    info["path"] = path
+    return cfg, sd, info
 
 
 def to_laion_state_dict(model: CLAP) -> dict[str, torch.Tensor]:

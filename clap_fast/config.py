@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, Literal, get_args
 
 __all__ = [
     "AudioConfig",
@@ -22,9 +22,12 @@ __all__ = [
     "list_models",
     "get_config",
     "TEXT_TOWERS",
+    "TextTower",
 ]
 
-TEXT_TOWERS = ("roberta", "transformer", "bert", "bart")
+TextTower = Literal["roberta", "transformer", "bert", "bart"]
+"""Text towers (LAION's ``--tmodel``); ``transformer`` is the CLIP-style one."""
+TEXT_TOWERS: tuple[str, ...] = get_args(TextTower)
 
 
 @dataclass

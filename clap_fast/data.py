@@ -10,7 +10,9 @@ decoded with soundfile) and a ``json`` with ``"text"`` (a caption or a list of t
 Pipeline, per rank and data-loader worker (all in the worker process):
 shard list shuffled with (seed, epoch) → split by rank, then by worker (or, ``resampled``,
 drawn with replacement) → tar stream → samples → shuffle buffer → decode (channel 0, int16
-round trip, crop / pad to ``clip_samples``, or the 4 fusion mel views) and tokenise → batches.
+round trip, crop / pad to ``clip_samples``, or the 4 fusion mel views: ``clap_fast.audio``'s
+``decode_audio`` + ``prepare_clip``, the API's path with LAION's training options) and
+tokenise → batches.
 The log-mel of non-fusion models is computed in the train step on the accelerator.
 
 Bad data never crashes a run and is never silent: each problem is counted by reason
@@ -40,7 +42,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clap_fast.audio import fill, int16_round_trip, resample
+from clap_fast.audio import decode_audio, prepare_clip
 from clap_fast.config import AudioConfig, TextConfig
 
 __all__ = [
@@ -299,41 +301,27 @@ def decode_sample(
     if audio_ext is None:
         stats.add("missing_audio", url, key)
         return None
-    try:
-        data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
-        if data.shape[0] == 0 or not np.isfinite(data).all():
-            raise ValueError("empty or non-finite audio")
+    try:  # LAION's training loader keeps channel 0
+        x = decode_audio(group[audio_ext], spec.audio.sample_rate, downmix="first")
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         stats.add("undecodable_audio", url, f"{key}.{audio_ext} ({type(exc).__name__})")
         return None
-    x = torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # LAION keeps channel 0
-    x = int16_round_trip(resample(x, int(sr), spec.audio.sample_rate))
     out: dict[str, Any] = {"key": key, "seconds": x.numel() / spec.audio.sample_rate}
+    # LAION's random crops: a generator seeded from the worker's stream, per fusion sample or
+    # long clip (the same draws from ``rng`` as before the one preparation path).
+    random_crop = spec.enable_fusion or x.numel() > spec.clip_samples
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 62)) if random_crop else None
+    prep = prepare_clip(
+        x, spec.audio, fusion=spec.enable_fusion, data_filling=spec.filling,
+        long_audio="fusion" if spec.enable_fusion else spec.truncating, generator=gen,
+        antialias=False, clip_samples=spec.clip_samples,
+    )  # fmt: skip
     if spec.enable_fusion:
-        out["mel_fusion"], out["longer"] = _fusion_input(x, spec, rng)
-    elif x.numel() > spec.clip_samples:
-        start = rng.randrange(x.numel() - spec.clip_samples + 1)
-        out["waveform"] = x[start : start + spec.clip_samples]
+        out["mel_fusion"], out["longer"] = prep.mel_fusion, prep.longer
     else:
-        out["waveform"] = fill(x, spec.clip_samples, spec.filling)
+        out["waveform"] = prep.windows[0]
     out["texts"] = texts if spec.all_captions else [rng.choice(texts)]
     return out
-
-
-def _fusion_input(
-    x: torch.Tensor, spec: DecodeSpec, rng: random.Random
-) -> tuple[torch.Tensor, bool]:
-    from clap_fast import ops
-    from clap_fast.frontend import fusion_views, htk_mel_fb
-
-    a = spec.audio
-    fb = htk_mel_fb(a.sample_rate, a.window_size, a.mel_bins, a.fmin, a.fmax)
-    if x.numel() <= spec.clip_samples:
-        x = fill(x, spec.clip_samples, spec.filling)
-    mel = ops.log_mel(x[None], fb, n_fft=a.window_size, hop_length=a.hop_size)[0]
-    chunk = spec.clip_samples // a.hop_size + 1
-    gen = torch.Generator().manual_seed(rng.randrange(1 << 62))
-    return fusion_views(mel, chunk, antialias=False, generator=gen)
 
 
 # ----------------------------------------------------------------------- dataset

@@ -120,14 +120,16 @@ class _STFTWeights(nn.Module):
 
 
 class LaionSpectrogramWeights(nn.Module):
-    """LAION's STFT-as-conv weights, kept only so checkpoints load and save unchanged.
-
-    Never used for compute (ops.log_mel does the STFT); the export path recomputes the same basis.
-    """
+    """LAION's STFT-as-conv weights: checkpoints load and save unchanged, and the export branch
+    of ``ops.log_mel`` convolves with them (eager runs an FFT of the same basis instead)."""
 
     def __init__(self, n_fft: int) -> None:
         super().__init__()
         self.stft = _STFTWeights(n_fft)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real, imag) conv weights, each (n_fft // 2 + 1, 1, n_fft)."""
+        return self.stft.conv_real.weight, self.stft.conv_imag.weight
 
 
 class LaionLogmel(nn.Module):
@@ -139,15 +141,23 @@ class LaionLogmel(nn.Module):
         self.register_buffer("melW", fb)
 
 
-def log_mel_for(cfg: AudioConfig, waveform: torch.Tensor, mel_fb: torch.Tensor) -> torch.Tensor:
+def log_mel_for(
+    cfg: AudioConfig,
+    waveform: torch.Tensor,
+    mel_fb: torch.Tensor,
+    stft: LaionSpectrogramWeights | None = None,
+) -> torch.Tensor:
     """(B, L) waveform -> (B, T, n_mels) float32 log-mel with the config's STFT settings.
 
-    Always fp32, also under autocast: in fp16 the power of a loud frame overflows.
+    Always fp32, also under autocast: in fp16 the power of a loud frame overflows. ``stft``
+    (the model's LAION weights) is what ``ops.log_mel``'s export branch convolves with.
     """
+    weights = tuple(w.float() for w in stft.weights()) if stft is not None else None
     with torch.autocast(waveform.device.type, enabled=False):
         return ops.log_mel(
-            waveform.float(), mel_fb.float(), n_fft=cfg.window_size, hop_length=cfg.hop_size
-        )
+            waveform.float(), mel_fb.float(), n_fft=cfg.window_size, hop_length=cfg.hop_size,
+            stft_weights=weights,
+        )  # fmt: skip
 
 
 def _drop_stripes(x: torch.Tensor, dim: int, width: int, stripes: int) -> torch.Tensor:

@@ -9,6 +9,12 @@ LAION's code, none of which changes the embedding:
 * no attention maps are kept or averaged in eval mode;
 * the embedding is the mean of the final tokens; the classifier head (``tscam_conv``, ``head``)
   and the frame-level outputs are kept as weights only (``forward_classifier`` computes them).
+
+The forward is the one every exporter traces (ONNX, AOTInductor, TensorRT through ONNX), so it
+is written in exportable forms: the bicubic time resize is a constant 4-tap gather + weighted
+sum (what ``F.interpolate(bicubic, align_corners=True)`` computes; TensorRT has no cubic
+Resize), the log-mel's export branch lives in ``ops.log_mel``, and in eval mode the fusion
+patch embed fuses every row and selects with ``where`` (no ``nonzero``, no host sync).
 """
 
 from __future__ import annotations
@@ -174,9 +180,12 @@ class AFF(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x, residual: (B, C, H, W) -> (B, C, H, W)."""
         xa = x + residual
-        single = xa.shape[0] == 1
-        if single:  # as LAION: BatchNorm in training mode needs two samples
+        # As LAION: BatchNorm in training mode needs two samples. Eval-mode BatchNorm uses
+        # running statistics, where the guard would only pin an exported batch size.
+        single = self.training and xa.shape[0] == 1
+        if single:
             xa = torch.cat([xa, xa], dim=0)
         w = torch.sigmoid(self.local_att(xa) + self.global_att(xa))
         if single:
@@ -197,23 +206,49 @@ class PatchEmbed(nn.Module):
             self.fusion_model = AFF(embed_dim)
 
     def forward(self, x: torch.Tensor, longer: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C_in, S, S) image -> (B, tokens, embed_dim); fusion views in channels 1..3."""
+        """(B, C_in, S, S) image -> (B, tokens, embed_dim); fusion views in channels 1..3,
+        ``longer`` (B,) bool marks the rows that take the fusion."""
         g = self.proj(x[:, :1])
         if self.fusion and longer is not None:
-            idx = torch.nonzero(longer, as_tuple=True)[0]  # host sync: data-dependent rows
-            if idx.numel() > 0:
-                local = x[idx, 1:].contiguous()
-                nb, nc, h, w = local.shape
-                local = self.mel_conv2d(local.view(nb * nc, 1, h, w))
-                local = local.view(nb, nc, *local.shape[1:]).permute(0, 2, 3, 1, 4).flatten(3)
-                tw = g.shape[-1]
-                if local.shape[-1] < tw:
-                    local = F.pad(local, (0, tw - local.shape[-1]))
-                else:
-                    local = local[..., :tw]
-                g = g.clone()
-                g[idx] = self.fusion_model(g[idx], local)
+            if self.training:
+                # Training-mode BatchNorm statistics depend on which rows are fused: fuse only
+                # the longer rows, as LAION does.
+                idx = torch.nonzero(longer, as_tuple=True)[0]  # host sync: data-dependent rows
+                if idx.numel() > 0:
+                    g = g.clone()
+                    g[idx] = self.fusion_model(g[idx], self._local(x[idx, 1:], g.shape[-1]))
+            else:
+                # Eval: BatchNorms use running statistics, so a row's fusion does not depend on
+                # the other rows. Fuse every row and select: no host sync, static shapes (what
+                # exporters need), at the cost of the AFF block for short rows too.
+                fused = self.fusion_model(g, self._local(x[:, 1:], g.shape[-1]))
+                g = torch.where(longer.reshape(-1, 1, 1, 1), fused, g)
         return self.norm(g.flatten(2).transpose(1, 2))
+
+    def _local(self, views: torch.Tensor, width: int) -> torch.Tensor:
+        """(N, 3, H, W) crop views -> (N, embed_dim, H', width) local features (LAION's
+        ``mel_conv2d`` over each view, the views side by side, padded / cut to ``width``)."""
+        nb, nc, h, w = views.shape
+        local = self.mel_conv2d(views.reshape(nb * nc, 1, h, w))
+        local = local.reshape(nb, nc, *local.shape[1:]).permute(0, 2, 3, 1, 4).flatten(3)
+        if local.shape[-1] < width:
+            return F.pad(local, (0, width - local.shape[-1]))
+        return local[..., :width]
+
+
+def bicubic_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-tap form of ``F.interpolate(mode="bicubic", align_corners=True)`` along one axis.
+
+    Returns (index (n_out, 4) int64, weight (n_out, 4) float32) such that output row i is
+    ``sum_k weight[i, k] * input[index[i, k]]``. The weights are read off PyTorch's own
+    interpolation of an identity (its float32 arithmetic, edge taps clamped and merged), so
+    the gather form equals ``F.interpolate`` to float32 rounding. Built once, eagerly.
+    """
+    with torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float32)[None, None]
+        m = F.interpolate(eye, size=(n_out, n_in), mode="bicubic", align_corners=True)[0, 0]
+        index = m.abs().topk(4, dim=1).indices.sort(dim=1).values  # the (at most) 4 taps
+        return index.contiguous(), m.gather(1, index).contiguous()
 
 
 class HTSAT(nn.Module):
@@ -250,16 +285,41 @@ class HTSAT(nn.Module):
         )
         self.head = nn.Linear(cfg.class_num, cfg.class_num)
         self.apply(_init_weights)
+        self.register_buffer("resize_index", None, persistent=False)
+        self.register_buffer("resize_weight", None, persistent=False)
+        self._set_resize(cfg.clip_samples // cfg.hop_size + 1, torch.device("cpu"))
+
+    def _set_resize(self, frames: int, device: torch.device) -> None:
+        """The constant 4-tap bicubic resize of ``frames`` mel frames to the image's time axis
+        (non-persistent buffers: not in the state dict; None when no resize is needed).
+        Computed at construction, and again only if a clip length other than the config's
+        arrives (eagerly; exporters see the constants)."""
+        target = self.spec_size * self.freq_ratio
+        self._resize_frames = frames
+        if frames >= target:
+            self.resize_index = self.resize_weight = None
+            return
+        index, weight = bicubic_taps(frames, target)
+        self.resize_index, self.resize_weight = index.to(device), weight.to(device)
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, L) waveform -> (B, 1, T, mel_bins) Slaney log-mel (non-fusion input)."""
-        return log_mel_for(self.cfg, waveform, self.logmel_extractor.melW).unsqueeze(1)
+        """(B, L) waveform -> (B, 1, T, mel_bins) Slaney log-mel (non-fusion input), computed
+        in fp32 and returned in bn0's dtype (fp32 but for a ``.half()`` model)."""
+        mel = log_mel_for(
+            self.cfg, waveform, self.logmel_extractor.melW, self.spectrogram_extractor
+        )
+        return mel.unsqueeze(1).to(self.bn0.weight.dtype)
 
     def _to_image(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, C, T, F) normalised mel -> (B, C, S, S): time resized to 4·S/… and folded."""
         target_t = self.spec_size * self.freq_ratio
         if mel.shape[2] < target_t:
-            mel = F.interpolate(mel, (target_t, mel.shape[3]), mode="bicubic", align_corners=True)
+            if mel.shape[2] != self._resize_frames:  # e.g. a run with another clip length
+                self._set_resize(mel.shape[2], mel.device)
+            b, c, t, f = mel.shape
+            taps = mel.index_select(2, self.resize_index.reshape(-1))  # (B, C, 4·target, F)
+            taps = taps.reshape(b, c, target_t, 4, f)
+            mel = (taps * self.resize_weight.to(mel.dtype)[:, :, None]).sum(dim=3)
         b, c, t, f = mel.shape
         x = mel.transpose(2, 3).reshape(b, c, f, self.freq_ratio, t // self.freq_ratio)
         return x.permute(0, 1, 3, 2, 4).reshape(b, c, f * self.freq_ratio, t // self.freq_ratio)
@@ -289,7 +349,7 @@ class HTSAT(nn.Module):
                 # LAION marks one random row as longer when none is (training only).
                 longer = longer.clone()
                 longer[torch.randint(0, longer.shape[0], (1,))] = True
-            tokens = self.forward_mel(mel_fusion, longer)
+            tokens = self.forward_mel(mel_fusion.to(self.bn0.weight.dtype), longer)
         else:
             if waveform is None:
                 raise ValueError("a non-fusion model takes a (B, L) waveform")

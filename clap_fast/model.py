@@ -9,13 +9,17 @@ with ``load_state_dict(strict=True)``. One deliberate difference: ``logit_scale_
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clap_fast import checkpoint, ops
 from clap_fast.api import InferenceMixin
 from clap_fast.config import CLAPConfig
 from clap_fast.htsat import HTSAT
@@ -24,8 +28,7 @@ from clap_fast.text import CLIPTransformer, build_hf_tower, hf_tower_forward, hf
 
 __all__ = ["CLAP", "MLPLayers", "no_init"]
 
-# Buffers some transformers versions keep in RoBERTa/BERT state dicts and others do not.
-_OPTIONAL_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+log = logging.getLogger(__name__)
 
 
 _INIT_FNS = (
@@ -80,7 +83,7 @@ class CLAP(InferenceMixin, nn.Module):
     """Contrastive language–audio model (LAION CLAP layout).
 
     Build with ``clap_fast.create_model(name, text=...)`` (random weights) or
-    ``CLAP.from_pretrained(path_or_name)``.
+    ``CLAP.from_pretrained(path_or_name)`` (also ``clap_fast.from_pretrained``).
     """
 
     def __init__(self, cfg: CLAPConfig) -> None:
@@ -115,6 +118,39 @@ class CLAP(InferenceMixin, nn.Module):
         init = math.log(1 / 0.07)
         self.logit_scale_a = nn.Parameter(torch.full((1,), init))
         self.logit_scale_t = nn.Parameter(torch.full((1,), init))
+
+    # ----------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = "cpu",
+        text_overrides: dict[str, Any] | None = None,
+    ) -> CLAP:
+        """Load LAION ``.pt``, HF ClapModel (dir / safetensors), open_clip, or our own format.
+
+        The architecture is detected from the weights and loaded strictly (see
+        ``clap_fast.checkpoint``). A bare released name (e.g. "630k-audioset-best") is fetched
+        through huggingface_hub into its cache. Returns the model in eval mode on ``device``.
+        """
+        cfg, sd, info = checkpoint.read_checkpoint(name_or_path, text_overrides=text_overrides)
+        hf = info["format"] == "hf"
+        # HF lacks some keys: they keep a proper random init; otherwise every parameter is
+        # about to be overwritten.
+        with contextlib.nullcontext() if hf else no_init():
+            model = cls(cfg)
+        filled = checkpoint.load_into(model, sd, fill_missing=checkpoint.HF_FILLED if hf else ())
+        if filled:
+            log.info(
+                "%s: %d keys absent from the checkpoint kept the model's values (%s …)",
+                info["path"], len(filled), filled[0],
+            )  # fmt: skip
+        return model.eval().to(ops.resolve_device(device))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (our format)."""
+        checkpoint.save_pretrained(self, directory)
 
     # ------------------------------------------------------------------ towers
     def encode_audio(
@@ -173,18 +209,9 @@ class CLAP(InferenceMixin, nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
     ):
-        for name in ("logit_scale_a", "logit_scale_t"):
-            key = prefix + name
-            if key in state_dict and state_dict[key].dim() == 0:
-                state_dict[key] = state_dict[key].reshape(1)
-        if self.text_type != "transformer":
-            own = self.text_branch.state_dict(keep_vars=True)  # persistent entries only
-            for name in _OPTIONAL_TEXT_BUFFERS:
-                key = f"{prefix}text_branch.{name}"
-                if name in own and key not in state_dict:
-                    state_dict[key] = own[name].detach().clone()
-                elif name not in own:
-                    state_dict.pop(key, None)
+        text = self.text_branch.state_dict(keep_vars=True)  # persistent entries only
+        own = {f"text_branch.{k}": v for k, v in text.items()}
+        checkpoint.fix_laion_state_dict(state_dict, own, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errors
         )

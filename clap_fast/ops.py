@@ -144,13 +144,22 @@ def log_mel(
     amin: float = 1e-10,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    stft_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(B, L) float/int16 waveform -> (B, T, n_mels) float32 log-mel; see ``kernels/mel_ref.py``."""
+    """(B, L) float/int16 waveform -> (B, T, n_mels) float32 log-mel; see ``kernels/mel_ref.py``.
+
+    The export branch: under an exporter (ONNX, ``torch.export`` for AOTInductor) the reference
+    runs its STFT as a strided conv1d against ``stft_weights`` ((n_fft // 2 + 1, 1, n_fft) real
+    and imaginary windowed DFT bases, e.g. the model's LAION buffers, constants to the
+    exporter), since ONNX and TensorRT have no usable STFT and the legacy exporter rejects
+    ``unfold`` with a dynamic batch. Same math as the FFT to float32 rounding.
+    """
     kwargs = dict(n_fft=n_fft, hop_length=hop_length, amin=amin, scale=scale, shift=shift)
     if _use_triton(waveform):
         return _kernel("mel").log_mel(waveform, mel_fb, **kwargs)
-    dft = "matmul" if _exporting() else "fft"
-    return mel_ref.log_mel(waveform, mel_fb, dft=dft, **kwargs)
+    if _exporting():
+        return mel_ref.log_mel(waveform, mel_fb, dft="conv", stft_weights=stft_weights, **kwargs)
+    return mel_ref.log_mel(waveform, mel_fb, dft="fft", **kwargs)
 
 
 def window_attention(

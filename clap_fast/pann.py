@@ -72,8 +72,11 @@ class PANN(nn.Module):
             nn.init.zeros_(fc.bias)
 
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, 1, T, mel_bins) Slaney log-mel."""
-        return log_mel_for(self.cfg, waveform, self.logmel_extractor.melW).unsqueeze(1)
+        """(B, L) -> (B, 1, T, mel_bins) Slaney log-mel (computed in fp32, in bn0's dtype)."""
+        mel = log_mel_for(
+            self.cfg, waveform, self.logmel_extractor.melW, self.spectrogram_extractor
+        )
+        return mel.unsqueeze(1).to(self.bn0.weight.dtype)  # fp32 but for a .half() model
 
     def forward_mel(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, mel_bins) -> (B, width) embedding."""

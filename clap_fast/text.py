@@ -72,6 +72,13 @@ def hf_tower_forward(
     kwargs = {}
     if kind == "bert":
         kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+    if kind == "roberta":
+        # RoBERTa's own position ids (pad + running count of non-pad tokens), from a float
+        # cumsum: transformers uses an int32 CumSum, which TensorRT's ONNX parser rejects
+        # (float types only). Exact below 2^24 tokens.
+        pad = tower.config.pad_token_id
+        keep = (input_ids != pad).float()
+        kwargs["position_ids"] = (torch.cumsum(keep, dim=1) * keep).long() + pad
     return tower(input_ids=input_ids, attention_mask=attention_mask, **kwargs)["pooler_output"]
 
 

@@ -104,7 +104,7 @@ def export_tower_aoti(
         "torch.export %s %s tower (%s, batch %s)", model.cfg.name, tower, dev, batch or "dynamic"
     )
     try:
-        with ops.use_backend("reference"), torch.no_grad():
+        with torch.no_grad():  # torch.export puts clap_fast.ops in its export branch
             ep = torch.export.export(module, args, dynamic_shapes=dynamic)
             log.info("AOTInductor compile -> %s", path)
             torch._inductor.aoti_compile_and_package(ep, package_path=str(path))

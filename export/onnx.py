@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from clap_fast import ops
 from clap_fast.model import CLAP
 from clap_fast.validate import check_output_dir
 from export.encoders import (
@@ -151,11 +150,10 @@ def _torch_to_onnx(
 ) -> str:
     """Export with a dynamic batch axis; returns the exporter's name.
 
-    ``ops.use_backend("reference")`` is belt and braces: both exporters also trigger
-    ``ops._exporting()`` by themselves (the legacy one via ``is_in_onnx_export``, the dynamo
-    one via ``torch.compiler.is_exporting``).
+    Both exporters put ``clap_fast.ops`` in its export branch by themselves (the legacy one via
+    ``is_in_onnx_export``, the dynamo one via ``torch.compiler.is_exporting``).
     """
-    with ops.use_backend("reference"), torch.no_grad():
+    with torch.no_grad():
         if opset >= 18:
             batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
             torch.onnx.export(
@@ -278,6 +276,11 @@ def export_tower(
     path = out / f"{stem}_{tower}{'_fp16' if fp16 else ''}.onnx"
     reference = EagerReference(model, tower).eval()
     export_model_ = copy.deepcopy(model).half() if fp16 else model
+    if fp16:  # the front end computes in fp32 (a loud frame's power overflows fp16): keep its
+        # STFT basis and filterbank exact
+        for name in ("spectrogram_extractor", "logmel_extractor"):
+            if hasattr(export_model_.audio_branch, name):
+                getattr(export_model_.audio_branch, name).float()
     module = tower_wrapper(export_model_, tower)
     names, args = tower_inputs(model, tower, 2, seed=0)
     log.info(

@@ -12,8 +12,12 @@ Math, per clip ``x`` of ``L`` samples (LAION CLAP's front end)::
     dB       10 * log10(max(mel, amin))                    (ref 1.0, no top_db)
     affine   dB * scale + shift                            (optional: eval-mode BatchNorm folded)
 
-The DFT is an FFT (``dft="fft"``, fastest on the CPU) or a matmul against the windowed cos/sin
-basis (``dft="matmul"``: what ONNX / TensorRT can express; about 2 GFLOP per 10 s clip).
+The DFT is an FFT (``dft="fft"``, fastest on the CPU), a matmul of the frames against the
+windowed cos/sin basis (``dft="matmul"``), or a strided ``conv1d`` of the reflect-padded clip
+against the same basis (``dft="conv"``: LAION's STFT-as-convolution, and the form every ONNX
+runtime and TensorRT run: no STFT/DFT op, no ``unfold``; about 2 GFLOP per 10 s clip). The conv
+form takes the basis as ``stft_weights`` (real, imag), e.g. the model's LAION buffers, so an
+exporter sees constants; it needs ``L > n_fft // 2`` (torch's reflect pad).
 
 Inputs: float32 (or any float) waveforms, or int16 waveforms which are read as ``x / 32767``
 (LAION's int16 round trip). NaN samples propagate: every frame that touches a NaN sample is NaN
@@ -98,6 +102,7 @@ def log_mel(
     shift: torch.Tensor | None = None,
     dft: str = "fft",
     precision: str = "exact",
+    stft_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Log-mel spectrogram.
 
@@ -105,9 +110,12 @@ def log_mel(
         waveform: (B, L) float or int16 samples, L >= 1.
         mel_fb: (n_fft // 2 + 1, n_mels) float32 filterbank (Slaney or HTK).
         scale, shift: optional (n_mels,) affine applied to the dB values (eval-mode bn0).
-        dft: "fft" (torch.fft.rfft) or "matmul" (windowed DFT basis; exportable to ONNX).
+        dft: "fft" (torch.fft.rfft), "matmul" (frames @ windowed DFT basis) or "conv"
+            (strided conv1d against the basis; the exportable form).
         precision: accepted for signature parity with the Triton kernel; the reference always
             computes in float32 (float64 inputs stay float64).
+        stft_weights: ``dft="conv"`` only: (n_fft // 2 + 1, 1, n_fft) real and imaginary conv
+            weights of the windowed basis (default: ``dft_basis``).
 
     Returns:
         (B, T, n_mels) float32 (float64 for float64 input), T = L // hop_length + 1.
@@ -120,8 +128,11 @@ def log_mel(
     else:
         wave = waveform.to(torch.float32)
     fb = mel_fb.to(wave.dtype)
-    frames = _frames(wave, n_fft, hop_length)
     n_bins = n_fft // 2 + 1
+    if dft == "conv":
+        power = _conv_power(wave, n_fft, hop_length, stft_weights)
+        return _to_db(power @ fb, amin, scale, shift)
+    frames = _frames(wave, n_fft, hop_length)
     if dft == "fft":
         window = torch.hann_window(n_fft, periodic=True, dtype=wave.dtype, device=wave.device)
         spec = torch.fft.rfft(frames * window, n=n_fft, dim=-1)
@@ -130,8 +141,32 @@ def log_mel(
         y = frames @ dft_basis(n_fft, wave.device, wave.dtype)
         power = y[..., :n_bins].square() + y[..., n_bins:].square()
     else:
-        raise ValueError(f"dft must be 'fft' or 'matmul', got {dft!r}")
-    mel = power @ fb
+        raise ValueError(f"dft must be 'fft', 'matmul' or 'conv', got {dft!r}")
+    return _to_db(power @ fb, amin, scale, shift)
+
+
+def _conv_power(
+    wave: torch.Tensor,
+    n_fft: int,
+    hop_length: int,
+    stft_weights: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """(B, L) -> (B, T, n_fft // 2 + 1) power spectrum by two strided conv1d (LAION's STFT)."""
+    if stft_weights is None:
+        basis = dft_basis(n_fft, wave.device, wave.dtype)
+        n_bins = n_fft // 2 + 1
+        stft_weights = (basis[:, :n_bins].T[:, None, :], basis[:, n_bins:].T[:, None, :])
+    real_w, imag_w = (w.to(wave.dtype) for w in stft_weights)
+    x = torch.nn.functional.pad(wave[:, None, :], (n_fft // 2, n_fft // 2), mode="reflect")
+    real = torch.nn.functional.conv1d(x, real_w, stride=hop_length)  # (B, n_bins, T)
+    imag = torch.nn.functional.conv1d(x, imag_w, stride=hop_length)
+    return (real.square() + imag.square()).transpose(1, 2)
+
+
+def _to_db(
+    mel: torch.Tensor, amin: float, scale: torch.Tensor | None, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """10·log10(max(mel, amin)), then the optional affine."""
     out = 10.0 * torch.log10(torch.clamp(mel, min=amin))
     if scale is not None:
         out = out * scale.to(out.dtype)

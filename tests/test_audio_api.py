@@ -212,3 +212,62 @@ def test_bf16_autocast_embedding_is_close_and_front_end_stays_fp32(model):
     b = model.embed_audio(x, autocast=torch.bfloat16)
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+# ------------------------------------------------ one preparation path, named options
+
+
+def _wav_bytes(data: np.ndarray, sr: int = 48000) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_decode_audio_downmix_options(tmp_path):
+    from clap_fast.audio import decode_audio, load_audio
+
+    stereo = np.stack([signals(1, 4800)[0].numpy(), signals(1, 4800, seed=1)[0].numpy()], axis=1)
+    raw = _wav_bytes(stereo)
+    first = decode_audio(raw, 48000, downmix="first")
+    mean = decode_audio(raw, 48000, downmix="mean")
+    assert torch.allclose(first, torch.from_numpy(stereo[:, 0]))
+    assert torch.allclose(mean, torch.from_numpy(stereo.mean(axis=1)), atol=1e-7)
+    (tmp_path / "a.wav").write_bytes(raw)
+    assert torch.equal(load_audio(str(tmp_path / "a.wav"), 48000), mean)  # the API's choice
+    with pytest.raises(ValueError, match="downmix"):
+        decode_audio(raw, 48000, downmix="left")
+    with pytest.raises(ValueError, match="NaN"):
+        decode_audio(_wav_bytes(np.full((10, 2), np.nan, dtype=np.float32)), 48000)
+
+
+@pytest.mark.parametrize("fusion", [False, True])
+def test_training_loader_uses_the_api_preparation(fusion):
+    """data.decode_sample == audio.prepare_clip with the training options (channel 0, no
+    antialias, a seeded generator), for a short and a long clip."""
+    import json
+    import random
+
+    from clap_fast.audio import prepare_clip
+    from clap_fast.data import DecodeSpec, SkipStats, decode_sample
+
+    cfg = get_config("HTSAT-mini", text="transformer", enable_fusion=fusion)
+    spec = DecodeSpec(cfg.audio, cfg.text, 480000, enable_fusion=fusion,
+                      truncating="fusion" if fusion else "rand_trunc")  # fmt: skip
+    for n in (30000, 700000):
+        stereo = np.stack([signals(1, n)[0].numpy(), np.zeros(n, np.float32)], axis=1)
+        group = {"flac": _wav_bytes(stereo), "json": json.dumps({"text": "a"}).encode()}
+        got = decode_sample("k", group, spec, random.Random(3), "u", SkipStats())
+        rng = random.Random(3)
+        gen = torch.Generator().manual_seed(rng.randrange(1 << 62))
+        want = prepare_clip(
+            torch.from_numpy(stereo[:, 0]), cfg.audio, fusion=fusion, antialias=False,
+            long_audio="fusion" if fusion else "rand_trunc", generator=gen,
+        )  # fmt: skip
+        if fusion:
+            assert torch.equal(got["mel_fusion"], want.mel_fusion)
+            assert got["longer"] == want.longer == (n > 480000)
+        else:
+            assert torch.equal(got["waveform"], want.windows[0])
+            assert got["waveform"].shape == (480000,)

@@ -180,3 +180,42 @@ def test_inference_first_then_training_works():
     x = signals(1, 4800).requires_grad_()
     mel_ref.log_mel(x, model.audio_branch.logmel_extractor.melW, dft="matmul").sum().backward()
     assert x.grad is not None
+
+
+# ------------------------------------------------- exportable forms inside the model
+
+
+@pytest.mark.parametrize("n_in, n_out", [(1001, 1024), (7, 16), (250, 256)])
+def test_bicubic_taps_equal_interpolate(n_in, n_out):
+    from clap_fast.htsat import bicubic_taps
+
+    index, weight = bicubic_taps(n_in, n_out)
+    x = torch.randn(2, 3, n_in, 5, generator=torch.Generator().manual_seed(n_in))
+    ref = F.interpolate(x, (n_out, 5), mode="bicubic", align_corners=True)
+    got = x.index_select(2, index.reshape(-1)).reshape(2, 3, n_out, 4, 5) * weight[..., None]
+    assert torch.allclose(got.sum(3), ref, atol=2e-6, rtol=0)
+
+
+def test_eval_fusion_select_equals_fusing_only_longer_rows():
+    """Eval mode fuses every row and selects: each row equals the model run on that row alone
+    (the training-mode path, which fuses only longer rows), and longer rows really differ."""
+    model = small_model(enable_fusion=True)
+    randomize_bn(model, seed=1)
+    pe = model.audio_branch.patch_embed
+    with torch.no_grad():
+        for p in pe.fusion_model.parameters():
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(2)
+    side = model.audio_branch.spec_size
+    x = torch.randn(4, 4, side, side, generator=g)
+    longer = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        got = pe.eval()(x, longer)
+        rows = [pe(x[i : i + 1], longer[i : i + 1]) for i in range(4)]
+        pe.train()  # the nonzero path; eval-mode BatchNorm inside the AFF for a fair comparison
+        pe.fusion_model.eval()
+        subset = pe(x, longer)
+    assert torch.allclose(got, torch.cat(rows), atol=1e-5)
+    assert torch.allclose(got, subset, atol=1e-5)
+    unfused = pe.eval()(x, torch.zeros(4, dtype=torch.bool))
+    assert (got[0] - unfused[0]).abs().max() > 1e-3 and torch.equal(got[1], unfused[1])

@@ -23,8 +23,8 @@ import torch
 from clap_fast import safety, validate
 from clap_fast.checkpoint import CheckpointError, read_state_dict
 from clap_fast.cli import main as cli
-from clap_fast.train_ckpt import load_checkpoint_into, resume, save_checkpoint
-from clap_fast.train_dist import Dist
+from clap_fast.train.ckpt import load_checkpoint_into, resume, save_checkpoint
+from clap_fast.train.dist import Dist
 from tests.helpers import signals, small_model
 
 D = Dist()

@@ -271,7 +271,7 @@ def test_test_tars_names_exactly_the_broken_members(bad_data, capsys) -> None:
 
 
 def test_params_accept_the_seed_readme_command() -> None:
-    from clap_fast.params import parse_args
+    from clap_fast.train.params import parse_args
 
     cmd = """--save-frequency 50 --save-top-performance 3 --save-most-recent --dataset-type=webdataset
     --precision=fp32 --pretrained=openai --warmup 10000 --batch-size=184 --lr=1e-3 --wd=0.1 --epochs=400

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig
 from clap_fast.safety import (
     UnsafeCheckpointError,
     check_dcp_folder,
@@ -38,7 +37,8 @@ from clap_fast.safety import (
     save_rng_state,
     set_rng_state,
 )
-from clap_fast.train_dist import Dist, all_gather_object, barrier
+from clap_fast.train.dist import Dist, all_gather_object, barrier
+from clap_fast.train.params import TrainConfig
 
 __all__ = [
     "save_checkpoint",

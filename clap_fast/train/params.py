@@ -19,14 +19,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["TrainConfig", "parse_args", "build_parser"]
+from clap_fast.audio import Filling
+from clap_fast.config import TextTower
+
+__all__ = ["TrainConfig", "parse_args", "build_parser", "PRECISION_ALIASES"]
 
 log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16"]
+PRECISION_ALIASES = {"amp": "bf16", "amp_bf16": "bf16", "amp_bfloat16": "bf16"}
+"""LAION's spellings of bf16 mixed precision, accepted on the command line and normalised."""
 
 
 @dataclass
@@ -43,7 +52,7 @@ class TrainConfig:
     """Evaluation split of each dataset: the first of these that exists."""
     exclude_eval_dataset: list[str] = field(default_factory=list)
     """Datasets not to evaluate on."""
-    dataset_type: str = "webdataset"
+    dataset_type: Literal["webdataset"] = "webdataset"
     """Only ``webdataset`` (LAION's other types are toy/CSV image sets)."""
     train_num_samples: int | None = None
     """Samples per epoch; default: the sum of the training shards' ``sizes.json``."""
@@ -55,9 +64,9 @@ class TrainConfig:
     """Draw shards with replacement (for multi-node runs whose shards do not split evenly)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
-    data_filling: str = "repeatpad"
+    data_filling: Filling = "repeatpad"
     """Short clips: repeatpad | repeat | pad."""
-    data_truncating: str = "rand_trunc"
+    data_truncating: Literal["rand_trunc", "fusion"] = "rand_trunc"
     """Long clips: rand_trunc (LAION's random crop) | fusion (needs --enable-fusion)."""
     clip_samples: int | None = None
     """Override the model's clip length in samples (default: the config's, 480000 = 10 s)."""
@@ -71,7 +80,7 @@ class TrainConfig:
     # ----------------------------------------------------------------- model
     model: str = "HTSAT-tiny"
     """Audio architecture (``clap_fast.list_models()``); LAION's ``--amodel``."""
-    tmodel: str = "transformer"
+    tmodel: TextTower = "transformer"
     """Text tower: transformer (LAION's default) | roberta | bert | bart."""
     text_overrides: dict[str, Any] = field(default_factory=dict)
     """TextConfig overrides as JSON, e.g. ``{"width": 128, "layers": 2, "heads": 2}``."""
@@ -102,7 +111,7 @@ class TrainConfig:
     """Weight decay (not on norms, biases, logit scales, bias tables)."""
     momentum: float = 0.9
     """SGD momentum (accepted for LAION compatibility; only adam/adamw are built)."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adam", "adamw"] = "adamw"
     """adam | adamw."""
     warmup: int = 10000
     """Linear warm-up steps of the cosine schedule."""
@@ -111,10 +120,11 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimiser steps (for tests and benchmarks)."""
     # -------------------------------------------------------------- systems
-    precision: str = "fp32"
-    """fp32 | amp | bf16 (amp and bf16 both mean bf16 mixed precision under FSDP2, fp32 front
-    end and loss; on the CPU they fall back to fp32)."""
-    parallel: str = "fsdp"
+    precision: Precision = "fp32"
+    """fp32 | bf16 (LAION's amp, amp_bf16, amp_bfloat16 mean bf16): bf16 autocast, or FSDP2's
+    bf16 mixed precision for sharded GPU runs; front end, bn0 and loss in fp32. On a CPU bf16
+    needs bf16 units (AVX512-BF16 / AMX); without them the run warns and trains in fp32."""
+    parallel: Literal["fsdp", "ddp"] = "fsdp"
     """fsdp (FSDP2, one unit per Swin block and text layer) | ddp."""
     compile: bool = False
     """torch.compile each Swin block and text layer (static shapes)."""
@@ -194,10 +204,29 @@ def _bool_flag(p: argparse.ArgumentParser, flag: str, default: bool, help: str) 
     p.add_argument(flag, action=action, default=default, help=help)
 
 
+@functools.cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """{field: allowed values} of every ``Literal``-typed field of ``TrainConfig``: the one
+    source of argparse's choices and of ``_validate``."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {
+        name: typing.get_args(hint)
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is Literal
+    }
+
+
+def _precision(value: str) -> str:
+    """argparse type of ``--precision``: LAION's aliases normalised to ``bf16``."""
+    value = value.strip().lower()
+    return PRECISION_ALIASES.get(value, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse mirror of ``TrainConfig`` (LAION spellings; ``--amodel`` = ``--model``)."""
     d = TrainConfig()
     docs = _field_docs()
+    allowed = choices()
     p = argparse.ArgumentParser(
         prog="clap_fast.train", description="Train CLAP (FSDP2 / DDP, torchrun or one process)."
     )
@@ -216,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=int, default=default, help=help_)
         elif f.name in ("resume", "name", "zeroshot_folder", "dist_backend"):
             p.add_argument(flag, type=str, default=default, help=help_)
+        elif f.name in allowed:
+            kind = _precision if f.name == "precision" else str
+            p.add_argument(flag, type=kind, choices=allowed[f.name], default=default, help=help_)
         else:
             p.add_argument(*flags, type=type(default), default=default, help=help_)
     p.add_argument("--model", "--amodel", dest="model", default=d.model, help=docs["model"])
@@ -259,16 +291,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    choices = {
-        "precision": ("fp32", "amp", "bf16", "amp_bf16", "amp_bfloat16"),
-        "optimizer": ("adam", "adamw"),
-        "parallel": ("fsdp", "ddp"),
-        "dataset_type": ("webdataset",),
-        "data_filling": ("repeatpad", "repeat", "pad"),
-        "data_truncating": ("rand_trunc", "fusion"),
-        "tmodel": ("transformer", "roberta", "bert", "bart"),
-    }
-    for name, allowed in choices.items():
+    for name, allowed in choices().items():
         if getattr(cfg, name) not in allowed:
             raise SystemExit(
                 f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(cfg, name)!r}"

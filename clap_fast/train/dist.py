@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from clap_fast.params import TrainConfig
+from clap_fast.train.params import TrainConfig
 
 __all__ = ["Dist", "init_distributed", "barrier", "agree", "all_gather_object", "GlobalBatchNorm2d"]
 

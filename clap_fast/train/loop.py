@@ -1,20 +1,21 @@
 """Train CLAP: ``torchrun --nproc_per_node N -m clap_fast.train …`` or ``python -m clap_fast.train …``.
 
-Accepts the seed README's command (see ``clap_fast.params``). This file is the entry point, the
-setup and one flat loop; checkpoints live in ``train_ckpt``, evaluation in ``train_eval``, logs
-and meters in ``train_log``, process-group helpers in ``train_dist``.
+Accepts the seed README's command (see ``params``). This file is the setup and one flat loop
+(``main`` is what ``clap_fast/train/__main__.py`` runs); checkpoints live in ``ckpt``,
+evaluation in ``evaluate``, logs and meters in ``log``, process-group helpers in ``dist``.
 
 * model: FSDP2 (``fully_shard`` per Swin block, per Swin stage, per text layer, then the
   root) or DDP; ``--compile`` compiles each block / layer in place (static shapes: the last
-  partial batch is dropped, evaluation batches are padded); bf16 mixed precision on the GPU
-  with the log-mel front end, ``bn0`` and the loss in fp32; SyncBatchNorm with ``--use-bn-sync``;
+  partial batch is dropped, evaluation batches are padded); ``--precision bf16`` decided once
+  by ``precision.resolve_precision`` (FSDP2 mixed precision on sharded GPUs, autocast otherwise,
+  also on CPUs with bf16 units) with the log-mel front end, ``bn0`` and the loss in fp32; SyncBatchNorm with ``--use-bn-sync``;
   fused Adam/AdamW on the GPU; LAION's parameter groups; cosine schedule with linear warm-up;
   logit scales clamped to [0, ln 100] after each step (``train_step``).
 * data: ``clap_fast.data`` (workers decode, crop and tokenise); ranks agree every step that all
   of them still hold a batch (one tiny all-reduce), so uneven shards or skipped samples never
   hang a collective; skip counts are reported at each epoch's end.
 * checkpoints (``<logs>/<name>/checkpoints``): sharded, atomic, resumable mid-epoch
-  (``train_ckpt``); ``final_laion.pt`` is LAION's single-file layout.
+  (``ckpt``); ``final_laion.pt`` is LAION's single-file layout.
 * logs: ``out.log``, ``results.jsonl``, ``params.json``, tensorboard / wandb, tqdm on rank 0.
 """
 
@@ -43,17 +44,18 @@ from clap_fast.data import (
 )
 from clap_fast.loss import ClipLoss, clamp_logit_scale_
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig, parse_args
-from clap_fast.train_ckpt import (
+from clap_fast.train.ckpt import (
     export_laion,
     load_checkpoint_into,
     resume,
     save_checkpoint,
     save_epoch_end,
 )
-from clap_fast.train_dist import Dist, GlobalBatchNorm2d, agree, init_distributed
-from clap_fast.train_eval import evaluate, forward, to_device
-from clap_fast.train_log import Reporter, Throughput, flops_per_sample, format_table, open_run
+from clap_fast.train.dist import Dist, GlobalBatchNorm2d, agree, init_distributed
+from clap_fast.train.evaluate import evaluate, forward, to_device
+from clap_fast.train.log import Reporter, Throughput, flops_per_sample, format_table, open_run
+from clap_fast.train.params import TrainConfig, parse_args
+from clap_fast.train.precision import Precision, resolve_precision
 
 __all__ = [
     "main",
@@ -80,9 +82,7 @@ def _seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig) -> CLAP:
     """The CLAP model of the run (random init from ``--seed``, or ``--pretrained`` weights)."""
     if cfg.pretrained and cfg.pretrained.lower() != "openai":
-        from clap_fast.checkpoint import load_pretrained
-
-        model = load_pretrained(cfg.pretrained, device="cpu")
+        model = CLAP.from_pretrained(cfg.pretrained, device="cpu")
     else:
         if cfg.pretrained:
             log.warning(
@@ -136,10 +136,10 @@ def freeze(cfg: TrainConfig, model: CLAP) -> None:
         model.logit_scale_t.requires_grad_(False)
 
 
-def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
+def parallelize(cfg: TrainConfig, model: CLAP, d: Dist, precision: Precision) -> nn.Module:
     """Compile per block, then FSDP2 per block / stage / text layer / root, or DDP."""
     cuda = d.device.type == "cuda"
-    bf16 = cuda and cfg.precision in ("amp", "bf16", "amp_bf16", "amp_bfloat16")
+    bf16 = precision.fsdp_mixed
     blocks = [b for layer in model.audio_branch.layers for b in getattr(layer, "blocks", [])]
     if cfg.compile:
         units = blocks + text_layers(model)
@@ -154,7 +154,7 @@ def parallelize(cfg: TrainConfig, model: CLAP, d: Dist) -> nn.Module:
         model.audio_branch.bn0 = GlobalBatchNorm2d.from_bn(model.audio_branch.bn0)
     model.to(d.device)
     if d.world == 1:
-        return model  # one process: nothing to shard (bf16 then runs under autocast)
+        return model  # one process: nothing to shard
     if cfg.parallel == "ddp":
         return nn.parallel.DistributedDataParallel(
             model,
@@ -268,15 +268,15 @@ def train_step(
     loss_fn: ClipLoss,
     x: dict[str, torch.Tensor],
     lr: float,
-    autocast: bool,
+    precision: Precision,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimiser step at ``lr``: forward (bf16 autocast if asked), loss in fp32, backward,
-    update, logit-scale clamp -> (detached loss, model outputs)."""
+    """One optimiser step at ``lr``: forward (in ``precision``'s autocast), loss in fp32,
+    backward, update, logit-scale clamp -> (detached loss, model outputs)."""
     for g in opt.param_groups:
         g["lr"] = lr
-    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+    with precision.autocast():
         out = forward(model, x)
-    with torch.autocast(x["input_ids"].device.type, enabled=False):  # the loss in fp32
+    with precision.fp32():  # the loss in fp32
         loss = loss_fn(
             out["audio_features"].float(), out["text_features"].float(), out["logit_scale_a"].float(),
             out["logit_scale_t"].float(), out["audio_features_mlp"].float(), out["text_features_mlp"].float(),
@@ -292,18 +292,15 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """Run the whole training; returns the last evaluation's metrics (rank 0; {} elsewhere)."""
     d = init_distributed(cfg)
     ckpt_dir = open_run(cfg, d) / "checkpoints"
-    if cfg.precision != "fp32" and d.device.type != "cuda":
-        log.warning("--precision %s: no GPU, training in fp32", cfg.precision)
     _seed_everything(cfg.seed)
     model = build_model(cfg)
     model_cfg = model.cfg
     torch.manual_seed(cfg.seed + 1 + d.rank)  # per-rank stream for drop-path etc.
     freeze(cfg, model)
     meter = Throughput(flops_per_sample(model, model_cfg), d)
-    wrapped = parallelize(cfg, model, d)
-    # bf16 on the GPU: FSDP2's mixed-precision policy when sharded, autocast for DDP / one GPU.
-    bf16 = d.device.type == "cuda" and cfg.precision != "fp32"
-    autocast = bf16 and (d.world == 1 or cfg.parallel == "ddp")
+    sharded = d.world > 1 and cfg.parallel == "fsdp"
+    precision = resolve_precision(cfg.precision, d.device, sharded=sharded)  # decided once
+    wrapped = parallelize(cfg, model, d, precision)
     opt = build_optimizer(cfg, wrapped, d)
     loss_fn = ClipLoss(cfg.local_loss, cfg.gather_with_grad, cfg.clap_mlploss, d.rank, d.world)
     dataset, shards, num = _train_data(cfg, model_cfg, d)
@@ -342,7 +339,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                 continue
             lr = cfg.lr if cfg.skip_scheduler else cosine_lr(step, cfg.lr, cfg.warmup, total_steps)
             x = to_device(batch, d.device)
-            loss, out = train_step(wrapped, opt, loss_fn, x, lr, autocast)
+            loss, out = train_step(wrapped, opt, loss_fn, x, lr, precision)
             step += 1
             batches_in_epoch += 1
             loss_value = float(loss)  # host sync, once per step (logging)
@@ -402,7 +399,3 @@ def main(argv: list[str] | None = None) -> int:
     if metrics:
         sys.stdout.write(format_table(metrics))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

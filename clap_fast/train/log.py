@@ -22,9 +22,9 @@ import torch
 
 from clap_fast.data import SkipStats
 from clap_fast.model import CLAP
-from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, all_gather_object, barrier
-from clap_fast.train_eval import eval_template, forward
+from clap_fast.train.dist import Dist, all_gather_object, barrier
+from clap_fast.train.evaluate import eval_template, forward
+from clap_fast.train.params import TrainConfig
 
 __all__ = [
     "open_run",
@@ -152,7 +152,7 @@ def flops_per_sample(model: CLAP, model_cfg: Any) -> float:
     """Forward FLOPs of one clip + one caption (counted once, on a batch of 1)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = eval_template(model_cfg, TrainConfig(enable_fusion=model_cfg.enable_fusion), Dist())
+    x = eval_template(model_cfg, torch.device("cpu"))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         forward(model.eval(), x)
     model.train()

@@ -23,8 +23,8 @@ from torch import nn
 
 from clap_fast import metrics
 from clap_fast.data import DecodeSpec, WebAudioDataset, make_loader, split_exists, split_urls
-from clap_fast.params import TrainConfig
-from clap_fast.train_dist import Dist, agree, all_gather_object
+from clap_fast.train.dist import Dist, agree, all_gather_object
+from clap_fast.train.params import TrainConfig
 
 __all__ = ["evaluate", "eval_template", "to_device", "forward"]
 
@@ -105,7 +105,7 @@ def evaluate(
             world_size=d.world, shuffle=False, drop_last=False,
         )  # fmt: skip
         if template is None:
-            template = eval_template(model_cfg, cfg, d)
+            template = eval_template(model_cfg, d.device)
         scale: list[float] = []
         a, t, o = _embed_all(
             model, make_loader(ds, min(cfg.workers, 1)), d, cfg.batch_size, template, scale
@@ -135,19 +135,20 @@ def evaluate(
     return results
 
 
-def eval_template(model_cfg: Any, cfg: TrainConfig, d: Dist) -> dict[str, torch.Tensor]:
+def eval_template(model_cfg: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """A one-row batch of the model's input shapes (padding rows, FLOP counting)."""
     L = model_cfg.text.context_length
     x = {
         "input_ids": torch.ones(1, L, dtype=torch.long),
         "attention_mask": torch.ones(1, L, dtype=torch.long),
     }
-    if cfg.enable_fusion:
+    if model_cfg.enable_fusion:
         frames = model_cfg.audio.clip_samples // model_cfg.audio.hop_size + 1
         x["mel_fusion"] = torch.zeros(1, 4, frames, model_cfg.audio.mel_bins)
         x["longer"] = torch.zeros(1, dtype=torch.bool)
     else:
         x["waveform"] = torch.zeros(1, model_cfg.audio.clip_samples)
-    return {k: v.to(d.device) for k, v in x.items()}
+    return {k: v.to(device) for k, v in x.items()}
 
 
 def _zero_shot(cfg: TrainConfig, model: nn.Module, model_cfg: Any, d: Dist) -> dict[str, float]:
@@ -195,7 +196,7 @@ def _zero_shot(cfg: TrainConfig, model: nn.Module, model_cfg: Any, d: Dist) -> d
     if cfg.enable_fusion:
         log.warning("zero-shot on a folder is not built for fusion models: skipped")
         return {}
-    template = eval_template(model_cfg, cfg, d)
+    template = eval_template(model_cfg, d.device)
     a, t, _ = _embed_all(model, batches(), d, cfg.batch_size, template)
     parts = all_gather_object((a, t), d)
     A = torch.cat([x for pa, _ in parts for x in pa])
