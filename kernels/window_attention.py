@@ -138,7 +138,10 @@ def _scores(q, k, bias_ptr, head, t, region, scale, N: tl.constexpr, PREC: tl.co
     comes from the dense (heads, N, N) fp32 copy of the table, contiguous 16-byte loads (it is
     16 KB per head, L2-resident; a gather by index from the table cost ~40 registers)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    s += tl.load(bias_ptr + head * (N * N) + t[:, None] * N + t[None, :])
+    # evict_last: the bias is re-read for every window (L1-resident while heads x 16 KB fits).
+    s += tl.load(
+        bias_ptr + head * (N * N) + t[:, None] * N + t[None, :], eviction_policy="evict_last"
+    )
     return s + tl.where(region[:, None] != region[None, :], -100.0, 0.0)
 
 
@@ -391,8 +394,12 @@ def _constexprs(
     )
 
 
-# Offline ptxas for sm_90a (no GPU run yet): 4 warps, 1 stage; see report_specs().
-_OPTIONS = dict(num_warps=8, num_stages=1)
+def _options(window_size: int) -> dict:
+    """Launch options. Offline ptxas for sm_90a (no GPU run yet), window 8, bf16: 4 warps spill
+    at head dim 64 (forward 32 B, backward 200 B of stack), 8 warps do not (forward 170-214,
+    backward 228-255 registers); window 4's 16-token tiles need only 4 warps. One stage: the
+    loop bodies are latency-bound on their own loads (no dot-operand pipelining to win)."""
+    return dict(num_warps=8 if window_size == 8 else 4, num_stages=1)
 
 
 def _dense_bias(bias_table: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -442,7 +449,7 @@ def _fwd_launch(
         sp.num_groups,
         scale,
     )
-    kw = dict(**_constexprs(qkv, num_heads, window_size, precision, out), **_OPTIONS)
+    kw = dict(**_constexprs(qkv, num_heads, window_size, precision, out), **_options(window_size))
     return _Launch(_window_attn_fwd_kernel, (sp.num_programs,), args, kw)
 
 
@@ -489,7 +496,8 @@ def _bwd_launch(
         scale,
     )
     consts = _constexprs(qkv, num_heads, window_size, precision, out, grad_out, dqkv)
-    return _Launch(_window_attn_bwd_kernel, (sp.num_programs,), args, dict(**consts, **_OPTIONS))
+    kw = dict(**consts, **_options(window_size))
+    return _Launch(_window_attn_bwd_kernel, (sp.num_programs,), args, kw)
 
 
 @torch.library.custom_op("clap_fast::window_attention_fwd", mutates_args=())
@@ -683,7 +691,7 @@ def report_specs() -> list[dict]:
 
     Pure Python (no CUDA call): bf16/fp16 at head dims 24, 32, 48, 64 with window 8 (and 4 at
     head dim 32), fp32 IEEE and TF32 at head dim 24, forward and backward, as launched on a GPU
-    (``_OPTIONS``). Every listed configuration was checked free of spills with Triton 3.6's
+    (``_options``). Every listed configuration was checked free of spills with Triton 3.6's
     ptxas for sm_90a.
     """
     configs = [(dt, 8, d, "tf32") for dt in ("bf16", "fp16") for d in (24, 32, 48, 64)]
@@ -717,7 +725,7 @@ def report_specs() -> list[dict]:
                     dtype=dt,
                     signature=sig,
                     constexprs=consts,
-                    options=dict(_OPTIONS),
+                    options=_options(window),
                     flop=flop,
                     hbm_bytes=nbytes,
                     problem=problem,
