@@ -468,3 +468,20 @@ def test_gpu_torch_compile():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_opcheck(dtype):
     _opcheck("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_one_compile_across_batch_sizes():
+    """On a real GPU: batch sizes 1, 3, 64 add at most one entry to each kernel's JIT cache
+    (fp16, head dim 48: a family no other test compiles)."""
+    from kernels.window_attention import _window_attn_bwd_kernel, _window_attn_fwd_kernel
+
+    dev = torch.cuda.current_device()
+    kernels = (_window_attn_fwd_kernel, _window_attn_bwd_kernel)
+    before = [len(k.device_caches[dev][0]) for k in kernels]
+    for b in (1, 3, 64):
+        case = (b, 16, 16, 2, 48, 8, 4)
+        qkv, table, grad = _inputs(case, torch.float16, "cuda")
+        _run(window_attention, qkv, table, grad, case)
+    after = [len(k.device_caches[dev][0]) for k in kernels]
+    assert [a - b for a, b in zip(after, before)] == [1, 1], (before, after)
