@@ -317,6 +317,7 @@ def test_report_specs_are_well_formed():
         (dict(num_heads=2, window_size=6), "multiple of window|window_size"),
         (dict(num_heads=2, window_size=8, shift_size=8), "shift_size"),
         (dict(num_heads=1, window_size=8), "head dim"),
+        (dict(num_heads=2, window_size=8, precision="bf16x3"), "precision"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, match):
