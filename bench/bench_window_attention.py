@@ -431,12 +431,16 @@ def test_htsat_tiny_end_to_end(benchmark, monkeypatch, provider: str, mode: str)
     # Default dispatch (Triton mel and kernel on CUDA) for all three: only attention differs.
     for _ in range(3):  # compile, autotune, allocator
         step()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = torch.cuda.max_memory_allocated()
     benchmark.pedantic(step, rounds=10, iterations=1)
     benchmark.extra_info.update(
         provider=provider,
         role="ours" if provider == "kernel" else "baseline",
         mode=mode,
         items=batch,
+        peak_mem_bytes=peak,
         dtype="bf16 autocast",
         device=torch.cuda.get_device_name(),
     )

@@ -46,10 +46,10 @@ forward 3C in + C out (+ 4 B x heads of lse); backward 3C + C + C in (qkv, o, dO
 (C = 96, bf16): forward 768 B + 16 B lse per token, backward 1,536 B + 16 B lse + 64 B tiles.
 The bias table (<= 30 KB) and the fold tiles stay in L1/L2.
 Static sm_90a estimate (Triton 3.6's ptxas, no GPU; ``report_specs()``, kernels/README.md):
-window 8, 8 warps, forward 170-214 registers, backward 228-255, no spills at head dims 24-64 in
-bf16/fp16 (fp32 IEEE and TF32 too), HGMMA for the attention dots. HTS-AT-tiny stage 1, B = 64,
-bf16 is memory-bound: ~61 us forward, ~127 us backward at an H100's 3.35 TB/s. UNMEASURED on a
-GPU (none lent so far).
+window 8, no spills at head dims 24-64 in bf16/fp16 (fp32 IEEE and TF32 too): forward 4 warps,
+164-186 registers; backward 8 warps, 220-246 registers; HGMMA for the attention dots, 16-byte
+global accesses. HTS-AT-tiny stage 1, B = 64, bf16 is memory-bound: ~61 us forward, ~127 us
+backward at an H100's 3.35 TB/s. UNMEASURED on a GPU (none lent so far).
 
 Supported: head dim <= 64 (24 and 48 padded to 32 / 64 with masks), window 4 or 8,
 0 <= shift < window, H and W multiples of the window, fp32 / fp16 / bf16 qkv, bias table of any
@@ -399,19 +399,28 @@ def _constexprs(
     )
 
 
-def _options(window_size: int) -> dict:
-    """Launch options. Offline ptxas for sm_90a (no GPU run yet), window 8, bf16: 4 warps spill
-    at head dim 64 (forward 32 B, backward 200 B of stack), 8 warps do not (forward 170-214,
-    backward 228-255 registers); window 4's 16-token tiles need only 4 warps. One stage: the
-    loop bodies are latency-bound on their own loads (no dot-operand pipelining to win)."""
-    return dict(num_warps=8 if window_size == 8 else 4, num_stages=1)
+def _options(kind: str, window_size: int, fma_dots: bool) -> dict:
+    """Launch options ("fwd" / "bwd"; ``fma_dots`` for fp32 IEEE, no tensor cores). Offline
+    ptxas for sm_90a (no GPU run yet), window 8: the bf16/fp16 forward fits 4 warps (164-186
+    registers: 2-3 programs per SM), the backward needs 8 (4 warps spill 64 B at head dim 64;
+    8 warps: 220-246 registers, one program per SM), and so does the fp32 IEEE forward (280 B
+    of spills at 4 warps); window 4's 16-token tiles use 4 warps. One stage: nothing to
+    pipeline across iterations beyond the loads the warps already overlap."""
+    wide = window_size == 8 and (kind == "bwd" or fma_dots)
+    return dict(num_warps=8 if wide else 4, num_stages=1)
 
 
 def _dense_bias(bias_table: torch.Tensor, window_size: int) -> torch.Tensor:
     """((2w-1)^2, heads) table -> (heads, N, N) fp32, contiguous: the bias tile of every head
     (16 KB per head at w = 8; one small gather per call)."""
-    index = relative_position_index(window_size, bias_table.device)
+    index = _rel_index(window_size, bias_table.device)
     return bias_table.float().t()[:, index].contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _rel_index(window_size: int, device: torch.device) -> torch.Tensor:
+    """(N, N) relative-position index on ``device``, copied there once (not per call)."""
+    return relative_position_index(window_size, device)
 
 
 @dataclass
@@ -454,7 +463,8 @@ def _fwd_launch(
         sp.num_groups,
         scale,
     )
-    kw = dict(**_constexprs(qkv, num_heads, window_size, precision, out), **_options(window_size))
+    consts = _constexprs(qkv, num_heads, window_size, precision, out)
+    kw = dict(**consts, **_options("fwd", window_size, consts["DOT_PRECISION"] == "ieee"))
     return _Launch(_window_attn_fwd_kernel, (sp.num_programs,), args, kw)
 
 
@@ -501,7 +511,7 @@ def _bwd_launch(
         scale,
     )
     consts = _constexprs(qkv, num_heads, window_size, precision, out, grad_out, dqkv)
-    kw = dict(**consts, **_options(window_size))
+    kw = dict(**consts, **_options("bwd", window_size, consts["DOT_PRECISION"] == "ieee"))
     return _Launch(_window_attn_bwd_kernel, (sp.num_programs,), args, kw)
 
 
@@ -730,7 +740,7 @@ def report_specs() -> list[dict]:
                     dtype=dt,
                     signature=sig,
                     constexprs=consts,
-                    options=_options(window),
+                    options=_options(kind, window, prec == "ieee"),
                     flop=flop,
                     hbm_bytes=nbytes,
                     problem=problem,
