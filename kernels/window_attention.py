@@ -44,7 +44,8 @@ HBM traffic per token (ideal: q, k, v read once, o written once; elements of the
 forward 3C in + C out (+ 4 B x heads of lse); backward 3C + C + C in (qkv, o, dO), 3C out, + lse,
 + 1 KB per (window, head) of fold tiles (16 B per token per head for w = 8). HTS-AT-tiny stage 1
 (C = 96, bf16): forward 768 B + 16 B lse per token, backward 1,536 B + 16 B lse + 64 B tiles.
-The bias table (<= 30 KB) and the fold tiles stay in L1/L2.
+The bias is read from a dense (heads, N, N) fp32 copy of the table (16 KB per head, made by the
+launcher): L1/L2 traffic, re-read for every (window, head).
 Static sm_90a estimate (Triton 3.6's ptxas, no GPU; ``report_specs()``, kernels/README.md):
 window 8, no spills at head dims 24-64 in bf16/fp16 (fp32 IEEE and TF32 too): forward 4 warps,
 164-186 registers; backward 8 warps, 220-246 registers; HGMMA for the attention dots, 16-byte
@@ -141,7 +142,7 @@ def _scores(q, k, bias_ptr, head, t, region, scale, N: tl.constexpr, PREC: tl.co
     """(N, N) fp32 scores scale * q k^T + bias + LAION's -100 between shift regions (the
     forward and the backward share this, so the recomputed P is the forward's P). The bias
     comes from the dense (heads, N, N) fp32 copy of the table, contiguous 16-byte loads (it is
-    16 KB per head, L2-resident; a gather by index from the table cost ~40 registers)."""
+    16 KB per head, L1/L2-resident; a gather by index from the table cost ~30 more registers)."""
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
     # evict_last: the bias is re-read for every window (L1-resident while heads x 16 KB fits).
     s += tl.load(
