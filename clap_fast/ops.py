@@ -155,7 +155,10 @@ def log_mel(
     ``unfold`` with a dynamic batch. Same math as the FFT to float32 rounding.
     """
     kwargs = dict(n_fft=n_fft, hop_length=hop_length, amin=amin, scale=scale, shift=shift)
-    if _use_triton(waveform):
+    # The kernel factors n_fft into two tensor-core stages: power of two >= 256, n_mels <= 256.
+    # Other front ends take the reference under "auto"; a forced "triton" gets the kernel's error.
+    fits = n_fft >= 256 and n_fft & (n_fft - 1) == 0 and mel_fb.shape[-1] <= 256
+    if _use_triton(waveform) and (fits or backend() == "triton"):
         return _kernel("mel").log_mel(waveform, mel_fb, **kwargs)
     if _exporting():
         return mel_ref.log_mel(waveform, mel_fb, dft="conv", stft_weights=stft_weights, **kwargs)

@@ -64,3 +64,18 @@ def test_dispatch_rules(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             ops._use_triton(x)
+
+
+def test_mel_outside_the_kernels_limits_takes_the_reference_under_auto(monkeypatch):
+    """n_fft < 256 (or not a power of two) cannot be factored by the kernel: under "auto" a
+    tensor the kernel would get goes to the reference; forced "triton" gets the kernel's error."""
+    from clap_fast import frontend
+
+    called = []
+    monkeypatch.setattr(ops, "_use_triton", lambda t: True)
+    monkeypatch.setattr(ops, "_kernel", lambda name: called.append(name) or pytest.fail("kernel"))
+    fb = frontend.slaney_mel_fb(48000, 128, 16, 50, 14000).float()
+    x = signals(1, 4800)
+    with ops.use_backend("auto"):
+        out = ops.log_mel(x, fb, n_fft=128, hop_length=64)
+    assert out.shape == (1, 4800 // 64 + 1, 16) and not called
