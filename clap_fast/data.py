@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -276,6 +275,8 @@ def decode_sample(
     if audio_ext is None:
         stats.add("missing_audio", url, key)
         return None
+    import soundfile as sf  # here, not at module level: the GPU image has no soundfile
+
     try:
         data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
         if data.shape[0] == 0 or not np.isfinite(data).all():
