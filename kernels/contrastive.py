@@ -377,3 +377,54 @@ def contrastive_loss_symmetric(
     if features_a.shape != features_b.shape:
         raise ValueError("the symmetric loss needs A and B of the same shape (n, d)")
     return _fwd(features_a, features_b, logit_scale, 0, True)[0]
+
+
+def report_specs() -> list[dict]:
+    """Every (kernel, configuration) this module can launch on a GPU, for python -m kernels.report.
+
+    ``_settings``' GPU tiles (64 x 64 x 32, BLOCK_D 64, Triton's default 4 warps / 3 stages) at
+    fp32 / bf16 / fp16 features; the forward, and the backward plain and symmetric. FLOP and
+    bytes per call for n = N = 4096, d = 512 (one direction): forward n N d MACs, backward
+    3 n N d MACs (header); bytes: features read once, fp32 stats and gradient buffers once.
+    """
+    n = big_n = 4096
+    d = 512
+    specs = []
+    for dtype, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+        upcast = dtype == "fp32"
+        precision = "ieee" if upcast else "tf32"
+        feats = (n + big_n) * d * itemsize
+        for fn, symmetric in ((_fwd_kernel, None), (_bwd_kernel, False), (_bwd_kernel, True)):
+            consts = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, UPCAST=upcast, PRECISION=precision)
+            if fn is _bwd_kernel:
+                consts.update(BLOCK_D=64, SYMMETRIC=symmetric)
+            sig = {}
+            for a in fn.arg_names:
+                if a in consts:
+                    sig[a] = "constexpr"
+                elif a in ("a_ptr", "b_ptr"):
+                    sig[a] = f"*{dtype}"
+                elif a.endswith("_ptr"):
+                    sig[a] = "*fp32"
+                else:
+                    sig[a] = "fp32" if a == "weight" else "i32"
+            if fn is _fwd_kernel:
+                flop, nbytes, kind = 2 * n * big_n * d, feats + 3 * n * 4, "fwd"
+            else:
+                flop, nbytes = 6 * n * big_n * d, feats + (n + big_n) * d * 4 * 2 + 4 * n * 4
+                kind = "bwd symmetric" if symmetric else "bwd"
+            specs.append(
+                dict(
+                    fn=fn,
+                    config=f"{kind} BM64 BN64 BK32{' BD64' if fn is _bwd_kernel else ''} w4 s3",
+                    dtype=dtype,
+                    signature=sig,
+                    constexprs=consts,
+                    options={"num_warps": 4, "num_stages": 3},
+                    flop=flop,
+                    hbm_bytes=nbytes,
+                    problem="n=N=4096, d=512",
+                    tensor_core=not upcast,
+                )
+            )
+    return specs

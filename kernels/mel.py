@@ -391,3 +391,61 @@ def log_mel(
     if dft not in ("fft", "matmul"):
         raise ValueError(f"dft must be 'fft' or 'matmul', got {dft!r}")
     return _log_mel_op(waveform, mel_fb, scale, shift, n_fft, hop_length, float(amin), precision)
+
+
+def report_specs() -> list[dict]:
+    """Every (kernel, configuration) this module can launch on a GPU, for python -m kernels.report.
+
+    LAION's front end (n_fft 1024, hop 480, 64 mel bins, bn0 affine fused) at each input dtype
+    and precision, with the GPU tiles of ``_launch_config`` for a 10 s clip (1001 frames).
+    FLOP and bytes per call for B = 64 10 s clips, from the header's cost model: 4 H^2 + 4 H
+    n_mels FLOP per frame; the waveform read once, the output written once, basis and bank once.
+    """
+    batch, length, n_fft, hop, n_mels = 64, 480000, 1024, 480, 64
+    n_frames = num_frames(length, hop)
+    half = n_fft // 2
+    flop = batch * n_frames * (4 * half * half + 4 * half * n_mels)
+    fixed_bytes = (
+        batch * n_frames * n_mels * 4 + n_fft * 2 * (half + 1) * 4 + (half + 1) * n_mels * 4
+    )
+    fn = _log_mel_kernel
+    specs = []
+    for precision in PRECISIONS:
+        for dtype, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2), ("i16", 2)):
+            cfg = dict(BLOCK_T=64, BLOCK_F=64 if precision == "fast" else 32, BLOCK_K=16)
+            consts = dict(
+                N_FFT=n_fft,
+                N_MELS=n_mels,
+                N_MELS_PAD=n_mels,
+                IS_INT16=dtype == "i16",
+                SINGLE_REFLECT=True,
+                HAS_SCALE=True,
+                HAS_SHIFT=True,
+                INPUT_PRECISION=PRECISIONS[precision],
+                **cfg,
+            )
+            sig = {
+                n: "constexpr"
+                if n in consts
+                else (f"*{dtype}" if n == "wave_ptr" else "*fp32")
+                if n.endswith("_ptr")
+                else "fp32"
+                if n in ("amin", "floor_db")
+                else "i32"
+                for n in fn.arg_names
+            }
+            specs.append(
+                dict(
+                    fn=fn,
+                    config=f"{precision} T{cfg['BLOCK_T']} F{cfg['BLOCK_F']} K{cfg['BLOCK_K']} w8 s2",
+                    dtype=dtype,
+                    signature=sig,
+                    constexprs=consts,
+                    options={"num_warps": 8, "num_stages": 2},
+                    flop=flop,
+                    hbm_bytes=batch * length * itemsize + fixed_bytes,
+                    problem="B=64, 10 s clips, n_fft 1024, 64 mels",
+                    tensor_core=precision == "fast",
+                )
+            )
+    return specs

@@ -472,3 +472,67 @@ def window_attention(
     scale = (c // num_heads) ** -0.5 if scale is None else float(scale)
     out, _ = _window_attention_fwd(qkv, bias_table, num_heads, window_size, shift_size, scale)
     return out
+
+
+def report_specs() -> list[dict]:
+    """Every (kernel, configuration) this module can launch on a GPU, for python -m kernels.report.
+
+    Window 8 (every HTS-AT), shift 0 and 4, head dims 24 / 32 / 64 (HTS-AT tiny / base / large),
+    fp32 / bf16 / fp16 qkv (fp32 bias table), forward and backward, with ``_launch_params``'
+    settings. Windows per program and FLOP / bytes for stage 1 (64 x 64 tokens, 4 heads) at
+    B = 64 on an H100 (132 SMs); FLOP as bench_window_attention counts them (QK^T and PV:
+    4 N^2 D per window and head forward; the backward's five matmuls 2.5x that).
+    """
+    batch, grid, heads, window, sms = 64, 64, 4, 8, 132
+    n = window * window
+    num_windows = batch * (grid // window) ** 2
+    tokens = batch * grid * grid
+    specs = []
+    for head_dim, model in ((24, "tiny"), (32, "base"), (64, "large")):
+        c = heads * head_dim
+        fwd_flop = 4 * num_windows * heads * n * n * head_dim
+        lse_bytes = num_windows * heads * n * 4
+        for dtype, itemsize in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+            for shift in (0, window // 2):
+                for fn, per_sm in ((_window_attn_fwd_kernel, 8), (_window_attn_bwd_kernel, 4)):
+                    wpp = max(1, min(64, num_windows * heads // (per_sm * sms)))
+                    consts = dict(
+                        WINDOW=window,
+                        SHIFT=shift,
+                        HEAD_DIM=head_dim,
+                        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                        WINDOWS_PER_PROGRAM=wpp,
+                        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+                    )
+                    fp32_ptrs = ("table_ptr", "lse_ptr", "dbias_part_ptr")
+                    sig = {
+                        a: "constexpr"
+                        if a in consts
+                        else ("*fp32" if a in fp32_ptrs else f"*{dtype}")
+                        if a.endswith("_ptr")
+                        else "fp32"
+                        if a == "scale"
+                        else "i32"
+                        for a in fn.arg_names
+                    }
+                    if fn is _window_attn_fwd_kernel:
+                        flop, nbytes = fwd_flop, tokens * 4 * c * itemsize + lse_bytes
+                    else:
+                        flop = int(2.5 * fwd_flop)
+                        nbytes = tokens * 8 * c * itemsize + lse_bytes
+                        nbytes += triton.cdiv(num_windows, wpp) * heads * n * n * 4
+                    specs.append(
+                        dict(
+                            fn=fn,
+                            config=f"win{window} shift{shift} hd{head_dim} wpp{wpp} w4",
+                            dtype=dtype,
+                            signature=sig,
+                            constexprs=consts,
+                            options={"num_warps": 4, "num_stages": 3},
+                            flop=flop,
+                            hbm_bytes=nbytes,
+                            problem=f"HTS-AT-{model} stage 1 (64x64 tokens, {heads} heads), B=64",
+                            tensor_core=dtype != "fp32",
+                        )
+                    )
+    return specs
