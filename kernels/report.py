@@ -21,8 +21,9 @@ an H200 (989 TFLOP/s for tensor-core paths (dense bf16; TF32 paths reach at most
 TFLOP/s fp32 FMA otherwise; 3.35 / 4.8 TB/s HBM). Exit status 1 when a configuration fails to
 compile, spills, or is documented as tensor-core but shows no HGMMA / HMMA.
 
-Needs ``TRITON_INTERPRET`` unset (it is removed from the environment of the compile processes
-only if the kernel modules have not been imported yet; run it as a command).
+Needs ``TRITON_INTERPRET`` unset: under the interpreter ``@triton.jit`` functions cannot be
+compiled, so the report refuses to start (``tests/test_kernel_report.py`` runs it in a
+subprocess without it).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _widths(d: dict) -> str:
 
 
 def markdown(rows: list[dict], triton_version: str) -> str:
-    """kernels/SASS.md: one table per module, then the problems found."""
+    """kernels/SASS.md: the problems found, then one table per module."""
     lines = [
         "# Static Hopper report (sm_90a)",
         "",
