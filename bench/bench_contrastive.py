@@ -38,11 +38,14 @@ import re
 import pytest
 import torch
 
+from bench.sizes import TINY, largest_last
 from kernels import contrastive_ref
 
 D = 512
 HAS_GPU = torch.cuda.is_available()
 SIZES = [1024, 4096, 16384, 65536, 262144] if HAS_GPU else [768, 4096, 16384]
+if TINY:  # gpu_run.sh --dry-run
+    SIZES = [64, 256]
 PROVIDERS = ["triton", "reference", "naive_eager", "naive_compiled"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 1 << 20
@@ -98,7 +101,7 @@ def _peak_extra_mib(step, device: torch.device) -> float | None:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-@pytest.mark.parametrize("N", SIZES)
+@pytest.mark.parametrize("N", largest_last(SIZES))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_contrastive_fwd_bwd(benchmark, provider, dtype, N):

@@ -62,10 +62,23 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 def pytest_configure(config: pytest.Config) -> None:
     for name in ("gpu", "cuda"):
         config.addinivalue_line("markers", f"{name}: needs a CUDA GPU (skipped elsewhere)")
+    config.addinivalue_line(
+        "markers", "largest: a suite's largest size (gpu_run.sh runs these last, one round)"
+    )
     out = config.getoption("bench_out", None)
     if out and not config.getoption("benchmark_json", None):
         Path(out).mkdir(parents=True, exist_ok=True)
         config.option.benchmark_json = Path(out) / "pytest-benchmark.json"
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # before pytest-benchmark writes its JSON
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
+    """Drop benchmarks without a single finished round (one stopped by SIGINT mid-way), which
+    would make pytest-benchmark fail writing the JSON and lose every finished result."""
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is not None:
+        bs.benchmarks = [b for b in bs.benchmarks if b]
+    yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -163,10 +176,22 @@ def percentiles(data: list[float]) -> dict[str, float]:
 
 @pytest.fixture(autouse=True)
 def _record_env(request: pytest.FixtureRequest) -> None:
-    """Put the run's provenance into every benchmark's extra_info (under ``env``)."""
+    """Put the run's provenance into every benchmark's extra_info (under ``env``); with
+    ``CLAP_BENCH_MAX_ROUNDS=k`` (gpu_run.sh's pass over the largest sizes) ``pedantic`` runs at
+    most k rounds (``benchmark(fn)`` is capped by --benchmark-min-rounds / --benchmark-max-time)."""
     if "benchmark" in request.fixturenames:
         bm = request.getfixturevalue("benchmark")
         bm.extra_info.setdefault("env", bench_env(request.config))
+        cap = int(os.environ.get("CLAP_BENCH_MAX_ROUNDS", "0"))
+        if cap > 0:
+            pedantic = bm.pedantic
+
+            @functools.wraps(pedantic)
+            def capped(*args, rounds: int = 1, **kwargs):
+                return pedantic(*args, rounds=min(rounds, cap), **kwargs)
+
+            bm.pedantic = capped
+            bm.extra_info["max_rounds"] = cap
 
 
 # ----------------------------------------------------------------------------- GPU timing

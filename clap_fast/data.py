@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -301,6 +300,8 @@ def decode_sample(
     if audio_ext is None:
         stats.add("missing_audio", url, key)
         return None
+    import soundfile as sf  # here, not at module level: the GPU image has no soundfile
+
     try:  # LAION's training loader keeps channel 0
         x = decode_audio(group[audio_ext], spec.audio.sample_rate, downmix="first")
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:

@@ -45,7 +45,10 @@ def no_init() -> Iterator[None]:
     seconds on a CPU). Parameters hold uninitialised memory until loaded: use only when every
     parameter comes from a checkpoint.
     """
-    from transformers.modeling_utils import no_init_weights
+    try:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # transformers 5.x moved it
+        from transformers.initialization import no_init_weights
 
     saved = {name: getattr(nn.init, name) for name in _INIT_FNS}
     for name in _INIT_FNS:

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -324,6 +323,8 @@ def generate_clip(
 
 def encode_flac(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """(T,) float waveform → FLAC bytes (16-bit PCM, mono); deterministic."""
+    import soundfile as sf  # here, not at module level: the GPU image has no soundfile
+
     buf = io.BytesIO()
     sf.write(buf, waveform, sample_rate, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
@@ -428,6 +429,8 @@ def write_folder(
     """
     if audio_format not in ("flac", "wav"):
         raise ValueError(f"audio_format must be 'flac' or 'wav', got {audio_format!r}")
+    import soundfile as sf  # here, not at module level: the GPU image has no soundfile
+
     paths = []
     for i in range(n):
         clip = generate_clip(i, seed, sample_rate, duration, split)

@@ -15,3 +15,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+
+# transformers 5.x in a folder of its own (scripts/transformers5.txt; the GPU image has 5.17):
+# scripts/test.sh runs the model, checkpoint and API tests again with it first on PYTHONPATH.
+tf5=".cache/transformers5"
+want5="$(sha256sum scripts/transformers5.txt | cut -d' ' -f1)"
+if [ ! -f "$tf5/.installed" ] || [ "$(cat "$tf5/.installed")" != "$want5" ]; then
+  rm -rf "$tf5"
+  .venv/bin/python -m pip install -q --no-deps --target "$tf5" -r scripts/transformers5.txt
+  echo "$want5" > "$tf5/.installed"
+fi

@@ -6,7 +6,13 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$root/.cache/inductor}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$root/.cache/triton}"  # kernels.report's compiles
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check clap_fast kernels export bench tests
 .venv/bin/python -m pytest -q tests "$@"
+# The model, checkpoint and API tests again under transformers 5.x (the GPU image has 5.17).
+tf5=(env PYTHONPATH="$root/.cache/transformers5")
+"${tf5[@]}" .venv/bin/python -c 'import sys, transformers; sys.exit(transformers.__version__[0] != "5")'
+"${tf5[@]}" .venv/bin/python -m pytest -q -p no:cacheprovider \
+  tests/test_model.py tests/test_checkpoint.py tests/test_audio_api.py
 .venv/bin/python -m pytest -q bench --benchmark-disable -p no:cacheprovider

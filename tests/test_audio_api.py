@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from clap_fast.audio import fill, int16_round_trip, prepare_batch
@@ -169,6 +168,7 @@ def test_bad_text_input(model):
 
 
 def test_embed_audio_files_reports_undecodable(model, tmp_path):
+    sf = pytest.importorskip("soundfile")
     x = signals(2, 48000 * 2).numpy()
     sf.write(tmp_path / "a.flac", x[0], 48000)
     sf.write(tmp_path / "b.wav", np.stack([x[1], x[1]], axis=1), 44100)  # stereo, 44.1 kHz
@@ -220,6 +220,7 @@ def test_bf16_autocast_embedding_is_close_and_front_end_stays_fp32(model):
 def _wav_bytes(data: np.ndarray, sr: int = 48000) -> bytes:
     import io
 
+    sf = pytest.importorskip("soundfile")
     buf = io.BytesIO()
     sf.write(buf, data, sr, format="WAV", subtype="FLOAT")
     return buf.getvalue()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from clap_fast.frontend import htk_mel_fb, slaney_mel_fb
 from kernels import mel, mel_ref
 
 N_FFT, HOP, SR, N_MELS = 1024, 480, 48000, 64
@@ -20,12 +21,13 @@ LENGTHS = [1, 479, 480, 481, SR, int(10.37 * SR)]  # 1 sample ... 1 s, 10.37 s
 
 @pytest.fixture(scope="module")
 def banks() -> dict[str, torch.Tensor]:
-    """(513, 64) float32 filterbanks: librosa's Slaney (LAION's melW) and torchaudio's HTK."""
-    librosa = pytest.importorskip("librosa")
-    torchaudio = pytest.importorskip("torchaudio")
-    slaney = librosa.filters.mel(sr=SR, n_fft=N_FFT, n_mels=N_MELS, fmin=50, fmax=14000)
-    htk = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 50, 14000, N_MELS, SR, None, "htk")
-    return {"slaney": torch.from_numpy(slaney.T.copy()).float(), "htk": htk.float()}
+    """(513, 64) float32 filterbanks: the Slaney bank (LAION's melW, librosa's default) and the
+    HTK bank (torchaudio's), built by clap_fast.frontend (no librosa: the GPU image lacks it;
+    tests/test_audio_api.py checks both against librosa / torchaudio where they exist)."""
+    return {
+        "slaney": slaney_mel_fb(SR, N_FFT, N_MELS, 50, 14000),
+        "htk": htk_mel_fb(SR, N_FFT, N_MELS, 50, 14000),
+    }
 
 
 def signal(batch: int, length: int, seed: int = 0) -> torch.Tensor:

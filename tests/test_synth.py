@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from clap_fast import synth
 from clap_fast.synth import CLASSES, generate_clip, write_folder, write_webdataset
@@ -92,6 +91,7 @@ def test_classes_are_acoustically_distinct():
 
 
 def test_webdataset_layout_and_byte_identical(tmp_path: Path):
+    sf = pytest.importorskip("soundfile")
     splits = {"train": 10, "valid": 3}
     kw = dict(splits=splits, shard_size=4, seed=7, duration=0.5, progress=False)
     info = write_webdataset(tmp_path / "a", **kw)
@@ -121,6 +121,7 @@ def test_webdataset_layout_and_byte_identical(tmp_path: Path):
 
 
 def test_webdataset_reads_back_with_webdataset(tmp_path: Path):
+    sf = pytest.importorskip("soundfile")
     wds = pytest.importorskip("webdataset")
     info = write_webdataset(
         tmp_path, splits={"test": 5}, shard_size=2, duration=0.2, progress=False
@@ -133,6 +134,7 @@ def test_webdataset_reads_back_with_webdataset(tmp_path: Path):
 
 @pytest.mark.parametrize("audio_format", ["flac", "wav"])
 def test_write_folder(tmp_path: Path, audio_format: str):
+    sf = pytest.importorskip("soundfile")
     paths = write_folder(tmp_path, n=10, seed=2, duration=0.25, audio_format=audio_format)
     assert len(paths) == 10 and all(p.suffix == f".{audio_format}" for p in paths)
     assert [p.parent.name for p in paths] == [CLASSES[i % len(CLASSES)] for i in range(10)]
