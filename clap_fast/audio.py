@@ -37,6 +37,7 @@ __all__ = [
     "int16_round_trip",
     "fill",
     "resample",
+    "read_audio",
     "load_audio",
     "AudioBatch",
     "prepare_batch",
@@ -128,16 +129,28 @@ def resample(x: torch.Tensor, orig: int, target: int) -> torch.Tensor:
     return AF.resample(x, int(orig), int(target))
 
 
-def load_audio(path: str, target_sr: int) -> torch.Tensor:
-    """Decode a file with soundfile (wav / flac / ogg …), downmix by mean, resample -> 1-D float32."""
+def read_audio(source, name: str | None = None) -> tuple[torch.Tensor, int]:
+    """Decode a path or an open binary file with soundfile and downmix by mean.
+
+    Returns the (T,) float32 mono clip at the file's own rate, and that rate.
+    """
     import soundfile as sf
 
-    data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    name = name or str(source)
+    data, sr = sf.read(
+        source if hasattr(source, "read") else str(source), dtype="float32", always_2d=True
+    )
     if data.shape[0] == 0:
-        raise ValueError(f"{path}: no samples")
+        raise ValueError(f"{name}: no samples")
     x = torch.from_numpy(data.mean(axis=1))
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{path}: NaN or infinite samples")
+        raise ValueError(f"{name}: NaN or infinite samples")
+    return x, int(sr)
+
+
+def load_audio(path: str, target_sr: int) -> torch.Tensor:
+    """Decode a file with soundfile (wav / flac / ogg …), downmix by mean, resample -> 1-D float32."""
+    x, sr = read_audio(path)
     return resample(x, sr, target_sr)
 
 
