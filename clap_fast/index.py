@@ -44,7 +44,7 @@ class IndexSettings:
     nlist: int = 0
     """IVF lists; 0 = about √N (at least 16)."""
     pq_m: int = 0
-    """PQ sub-quantizers (8 bits each); 0 = D/8, rounded to a divisor of D."""
+    """PQ sub-quantizers (8 bits each); 0 = max(D/8, 8), rounded down to a divisor of D."""
     nprobe: int = 0
     """IVF lists visited per query; 0 = max(16, nlist/16)."""
     k_factor: int = 16
@@ -100,7 +100,7 @@ def build_index(
         index.hnsw.efConstruction = s.ef_construction
     else:
         s.nlist = s.nlist or max(16, int(math.sqrt(n)))
-        m = s.pq_m or max(1, d // 8)
+        m = s.pq_m or max(d // 8, min(d, 8))  # D/8 bytes, but no fewer than 8 codes
         while d % m:
             m -= 1
         s.pq_m = m

@@ -98,6 +98,7 @@ def test_in_process_matches_embed_audio_files_and_resumes(library):
         embed_library(root / "src", out, other, progress=False)
 
 
+@pytest.mark.slow  # Ray start-up and actor imports: tens of seconds on 2 cores
 def test_ray_matches_embed_audio_files_and_rerun_embeds_nothing(ray_session, library):
     root, model, refs, broken = library
     out = root / "out_ray"
@@ -111,6 +112,7 @@ def test_ray_matches_embed_audio_files_and_rerun_embeds_nothing(ray_session, lib
     assert sorted((out / "embeddings").iterdir()) == shards
 
 
+@pytest.mark.slow
 def test_ray_killed_actor_still_accounts_for_every_file(ray_session, library, tmp_path):
     root, model, refs, broken = library
     out, marker = tmp_path / "out", tmp_path / "killed"
