@@ -74,7 +74,7 @@ def list_library(source: str | os.PathLike) -> list[str]:
 
     source = os.fspath(source)
     fs, root = fsspec.core.url_to_fs(source)
-    local = fs.protocol in ("file", "local") or "file" in fs.protocol
+    local = "file" in fs.protocol  # a str or a tuple of names
 
     def name(p: str) -> str:
         return p if local else fs.unstrip_protocol(p)
