@@ -14,8 +14,11 @@ failures).
 
 On Ray, an embed actor that dies is restarted by Ray Data and its batch retried; the retried
 batch rewrites the same shard (shards are named by their items), so nothing is lost or doubled.
-The GPU actor path (``num_gpus=1`` per actor, ``device="cuda"``) has not been run here: no GPU
-was available when it was written.
+Decode tasks ask for 0.5 CPU; CPU embed actors for up to one CPU each, leaving one CPU of the
+cluster to the decode tasks (or they would wait for the actors forever). When the two ask for the
+same resources Ray Data fuses the decode into the actors (one process decodes and embeds). The
+GPU actor path (``num_gpus=1`` per actor, ``device="cuda"``) has not been run here: no GPU was
+available when it was written.
 """
 
 from __future__ import annotations
