@@ -40,7 +40,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import BinaryIO, Literal, get_args
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ __all__ = [
     "int16_round_trip",
     "fill",
     "resample",
+    "read_audio",
     "decode_audio",
     "load_audio",
     "PreparedClip",
@@ -157,15 +158,24 @@ def resample(x: torch.Tensor, orig: int, target: int) -> torch.Tensor:
     return AF.resample(x, int(orig), int(target))
 
 
-def decode_audio(
-    source: str | os.PathLike | bytes, target_sr: int, *, downmix: Downmix = "mean"
-) -> torch.Tensor:
-    """Decode a file (path) or its bytes with soundfile (wav / flac / ogg …), downmix, resample
-    -> 1-D float32 clip at ``target_sr``. Raises ValueError for an empty or non-finite file."""
+def read_audio(
+    source: str | os.PathLike | bytes | BinaryIO,
+    name: str | None = None,
+    *,
+    downmix: Downmix = "mean",
+) -> tuple[torch.Tensor, int]:
+    """Decode a path, bytes or an open binary file with soundfile (wav / flac / ogg …) and
+    downmix -> ((T,) float32 mono clip at the file's own rate, that rate). Raises ValueError for
+    an empty, truncated or non-finite file; ``name`` is what the error messages call it."""
     import soundfile as sf
 
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
-    with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else name) as f:
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif not hasattr(source, "read"):
+        source = str(source)
+    with sf.SoundFile(source) as f:
         _check_not_truncated(name, f.extra_info)
         data, sr = f.read(dtype="float32", always_2d=True), f.samplerate
     if data.shape[0] == 0:
@@ -178,7 +188,16 @@ def decode_audio(
         mono = np.ascontiguousarray(data[:, 0])
     else:
         raise ValueError(f"downmix must be one of {get_args(Downmix)}, got {downmix!r}")
-    return resample(torch.from_numpy(mono), int(sr), target_sr)
+    return torch.from_numpy(mono), int(sr)
+
+
+def decode_audio(
+    source: str | os.PathLike | bytes, target_sr: int, *, downmix: Downmix = "mean"
+) -> torch.Tensor:
+    """Decode a file (path) or its bytes (``read_audio``), downmix, resample -> 1-D float32 clip
+    at ``target_sr``. Raises ValueError for an empty, truncated or non-finite file."""
+    x, sr = read_audio(source, downmix=downmix)
+    return resample(x, sr, target_sr)
 
 
 def load_audio(path: str, target_sr: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``clap-fast`` command line: embed, zero-shot, search, test-tars, check-ckpt.
+"""``clap-fast`` command line: embed, zero-shot, search, index, test-tars, check-ckpt.
 
 Each subcommand lives in the module that owns its logic; this file only routes to them.
 """
@@ -15,16 +15,21 @@ __all__ = ["main"]
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS = {
     "embed": (
-        "clap_fast.cli_infer",
+        "clap_fast.cli_library",
         "embed_main",
-        "embed audio files (a folder or a list) into .npy / .parquet",
+        "embed audio files into .npy / .parquet, or a library into Parquet shards (--ray)",
     ),
     "zero-shot": (
         "clap_fast.cli_infer",
         "zero_shot_main",
         "zero-shot classify audio files against labels",
     ),
-    "search": ("clap_fast.cli_infer", "search_main", "rank audio embeddings against a text query"),
+    "search": (
+        "clap_fast.cli_library",
+        "search_main",
+        "rank audio embeddings or a FAISS index against a text or audio query",
+    ),
+    "index": ("clap_fast.cli_library", "index_main", "build a FAISS index of embeddings"),
     "test-tars": ("clap_fast.tools", "test_tars_main", "check webdataset tars for broken members"),
     "check-ckpt": (
         "clap_fast.tools",
