@@ -364,9 +364,9 @@ def _launch_config(
     block_t = max(2, min(16, 4096 // n_fft))
     while block_t > 2 and batch * triton.cdiv(n_frames, block_t) < 2 * sms:
         block_t //= 2
-    # 4 step-1 bins per iteration, 2 where 4 spilled (2-frame tiles, n_fft >= 2048), 1 where 2
-    # spilled (fast, n_fft >= 2048: 8 bytes).
-    block_k1 = 4 if block_t * n_fft >= 4096 and n_fft < 2048 else 2
+    # 4 step-1 bins per iteration, 2 where 4 spilled (2-frame tiles, n_fft >= 2048; fast mode
+    # with int16 input at 4 frames of 1024: 8 bytes), 1 where 2 spilled (fast, n_fft >= 2048).
+    block_k1 = 4 if block_t * n_fft >= 4096 and n_fft < 2048 and precision != "fast" else 2
     if n_fft >= 2048 and precision == "fast":
         block_k1 = 1
     return dict(BLOCK_T=block_t, BLOCK_K1=block_k1, num_warps=8, num_stages=1)
