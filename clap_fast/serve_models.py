@@ -18,7 +18,9 @@ Models (all batched on the first axis, dynamic batching on by default):
 Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the
 model runs. Our checks (empty or non-finite waveform, audio over ``--max-seconds``, empty text,
 token ids outside the vocabulary, bad lengths) raise ``RequestError`` with a message naming
-the problem; PyTriton returns it as the error response and the server keeps running.
+the problem; PyTriton returns it as the error response and the server keeps running. (A
+0-sample waveform is refused earlier by PyTriton's proxy: "cannot cast view with zeros in
+shape".)
 PyTriton answers a failed execution for the whole dynamic batch, so requests batched in the
 same queue window as a bad one receive its error too (PyTriton 0.7 has no per-request errors).
 """
@@ -319,7 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    return run_server(args)
+    try:
+        return run_server(args)
+    except KeyboardInterrupt:  # a signal during start-up; the Triton context has cleaned up
+        log.info("interrupted; server stopped")
+        return 0
 
 
 if __name__ == "__main__":
