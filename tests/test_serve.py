@@ -77,22 +77,27 @@ def _cos(a: np.ndarray, b: torch.Tensor) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def _start(tmp_path_factory, engine: str):
     if serve.find_serve_env() is None:
         pytest.skip(f"no serving environment; create it with: {serve.SETUP_HINT}")
     pytest.importorskip("tritonclient.http")
-    d = tmp_path_factory.mktemp("serve")
+    d = tmp_path_factory.mktemp(f"serve-{engine}")
     model = small_model(text="transformer").eval()
     randomize_bn(model)
     model.save_pretrained(d / "ckpt")
     from clap_fast.model import CLAP
 
     model = CLAP.from_pretrained(d / "ckpt").eval()  # exactly what the server loads
-    args = ["--engine", "eager", "--max-batch", str(MAX_BATCH), "--max-seconds", str(MAX_SECONDS),
-            "--max-queue-delay-us", "200000"]  # fmt: skip
+    args = ["--engine", engine, "--max-batch", str(MAX_BATCH), "--max-seconds", str(MAX_SECONDS),
+            "--max-queue-delay-us", "200000", "--onnx-dir", str(d / "onnx")]  # fmt: skip
     models = ("clap_audio", "clap_text", "clap_text_tokens")
     srv = ServerProcess(d / "ckpt", args, log_path=d / "server.log", models=models).start()
+    return srv, model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    srv, model = _start(tmp_path_factory, "eager")
     yield srv, model
     code = srv.stop()
     assert code == 0, srv.log_tail()
@@ -207,3 +212,20 @@ def test_bad_requests_get_named_errors_and_server_stays_up(served):
     assert client.is_server_ready()
     got = _infer(http, client, "clap_audio", {"waveform": ok})
     assert _cos(got, model.embed_audio(torch.from_numpy(ok))).min() >= 0.99999
+
+
+def test_onnx_engine_matches_eager_model(tmp_path_factory):
+    srv, model = _start(tmp_path_factory, "onnx")
+    try:
+        http, client = _http(srv)
+        for wave in (signals(2, 3 * 48000).numpy(), signals(1, 12 * 48000, seed=1).numpy()):
+            got = _infer(http, client, "clap_audio", {"waveform": wave})
+            assert _cos(got, model.embed_audio(torch.from_numpy(wave))).min() >= 0.99999
+        tok = model.tokenize(["a dog barks", "thunder"])
+        ids, mask = tok["input_ids"].numpy(), tok["attention_mask"].numpy().astype(np.int64)
+        got = _infer(http, client, "clap_text_tokens", {"input_ids": ids, "attention_mask": mask})
+        want = model.embed_text_tokens(tok["input_ids"], tok["attention_mask"])
+        assert _cos(got, want).min() >= 0.99999
+    finally:
+        code = srv.stop()
+    assert code == 0 and not srv.leftover, srv.log_tail()
