@@ -1,4 +1,4 @@
-"""``clap-fast`` command line: embed, zero-shot, search, index, test-tars, check-ckpt.
+"""``clap-fast`` command line: embed, zero-shot, search, index, test-tars, check-ckpt, serve.
 
 Each subcommand lives in the module that owns its logic; this file only routes to them.
 """
@@ -36,6 +36,7 @@ SUBCOMMANDS = {
         "check_ckpt_main",
         "list checkpoint keys or diff two checkpoints",
     ),
+    "serve": ("clap_fast.serve", "serve_main", "serve the model on Triton Inference Server"),
 }
 
 

@@ -5,6 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
+bash scripts/setup_serve.sh .venv/bin/python  # numpy<2 venv for the Triton server tests
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$root/.cache/inductor}"
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$root/.cache/triton}"  # kernels.report's compiles
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

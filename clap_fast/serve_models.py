@@ -1,0 +1,332 @@
+"""The served models: request checks, engines, and their binding to Triton through PyTriton.
+
+Runs in the server process that ``clap-fast serve`` starts (``python -m clap_fast.serve_models``,
+with the serving environment first on the path; see ``clap_fast.serve``). PyTriton is imported
+only inside ``run_server``, so the checks and engines import and test in the main environment.
+
+Models (all batched on the first axis, dynamic batching on by default):
+
+* ``clap_audio``: ``waveform`` FP32 (B, T) mono at the model's rate (48 kHz, declared in the
+  model config's parameters) -> ``embedding`` FP32 (B, 512), L2-normalised. Clips shorter than
+  10 s are repeat-padded, longer ones follow ``embed_audio``'s default long-audio policy
+  (sliding windows, or fusion for fusion models). Requests of different lengths are batched
+  by Triton only with requests of the same length.
+* ``clap_text``: ``text`` BYTES (B, 1) UTF-8 strings, tokenised in the server (bound only when
+  the tower's tokenizer loads offline) -> ``embedding`` FP32 (B, 512).
+* ``clap_text_tokens``: ``input_ids`` / ``attention_mask`` INT64 (B, L) -> ``embedding``.
+
+Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the
+model runs. Our checks (empty or non-finite waveform, audio over ``--max-seconds``, empty text,
+token ids outside the vocabulary, bad lengths) raise ``RequestError`` with a message naming
+the problem; PyTriton returns it as the error response and the server keeps running. (A
+0-sample waveform is refused earlier by PyTriton's proxy: "cannot cast view with zeros in
+shape".)
+PyTriton answers a failed execution for the whole dynamic batch, so requests batched in the
+same queue window as a bad one receive its error too (PyTriton 0.7 has no per-request errors).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RequestError",
+    "check_waveform",
+    "check_tokens",
+    "decode_texts",
+    "EagerEngine",
+    "OnnxEngine",
+    "make_engine",
+    "run_server",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the server refuses; the message names the problem."""
+
+
+# ------------------------------------------------------------------------------------- checks
+def check_waveform(x: np.ndarray, max_samples: int) -> list[np.ndarray]:
+    """(B, T) float32 request -> B clips of (T,) float32; RequestError if unusable."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise RequestError(f"waveform must be FP32, got {x.dtype}")
+    if x.ndim != 2:
+        raise RequestError(f"waveform must be (batch, samples), got shape {x.shape}")
+    if x.shape[1] == 0:
+        raise RequestError("waveform is empty (0 samples)")
+    if x.shape[1] > max_samples:
+        raise RequestError(
+            f"waveform too long: {x.shape[1]} samples > limit {max_samples} (--max-seconds)"
+        )
+    if not np.isfinite(x).all():
+        raise RequestError("waveform contains NaN or Inf")
+    return [np.ascontiguousarray(row) for row in x]
+
+
+def check_tokens(
+    ids: np.ndarray, mask: np.ndarray, vocab: int, context: int, fixed_length: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L) int64 ids and mask, checked against the tower; RequestError otherwise."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    if ids.ndim != 2 or mask.shape != ids.shape:
+        raise RequestError(
+            f"input_ids and attention_mask must both be (batch, length), got {ids.shape} and "
+            f"{mask.shape}"
+        )
+    n = ids.shape[1]
+    if n == 0 or n > context or (fixed_length and n != context):
+        want = f"exactly {context}" if fixed_length else f"1..{context}"
+        raise RequestError(f"token length must be {want}, got {n}")
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise RequestError(
+            f"input_ids must be in [0, {vocab}), got range [{ids.min()}, {ids.max()}]"
+        )
+    if not np.isin(mask, (0, 1)).all():
+        raise RequestError("attention_mask must hold only 0 and 1")
+    if (mask.sum(axis=1) == 0).any():
+        raise RequestError("attention_mask masks every token of a row")
+    return ids.astype(np.int64), mask.astype(np.int64)
+
+
+def decode_texts(x: np.ndarray, max_chars: int = 4096) -> list[str]:
+    """(B, 1) BYTES request -> B strings; RequestError for empty / undecodable ones."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != 1:
+        raise RequestError(f"text must be (batch, 1) strings, got shape {x.shape}")
+    out = []
+    for item in x[:, 0]:
+        try:
+            s = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"text is not valid UTF-8: {exc}") from None
+        if not s.strip():
+            raise RequestError("text is an empty string")
+        if len(s) > max_chars:
+            raise RequestError(f"text too long: {len(s)} characters > {max_chars}")
+        out.append(s)
+    return out
+
+
+def text_limits(model) -> tuple[int, int, bool]:
+    """(vocabulary size, context length, whether the length must equal the context)."""
+    if model.text_type == "transformer":
+        return model.token_embedding.num_embeddings, model.cfg.text.context_length, True
+    vocab = model.text_branch.get_input_embeddings().num_embeddings
+    return vocab, model.cfg.text.context_length, False
+
+
+# ------------------------------------------------------------------------------------ engines
+class EagerEngine:
+    """The PyTorch model itself: ``embed_audio`` / ``embed_text_tokens``."""
+
+    name = "eager"
+
+    def __init__(self, model, max_batch: int) -> None:
+        self.model, self.max_batch = model, max_batch
+
+    def embed_audio(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """Clips of (T_i,) float32 at the model's rate -> (N, 512) float32, L2-normalised."""
+        sr = self.model.cfg.audio.sample_rate
+        waves = [torch.from_numpy(c) for c in clips]
+        return self.model.embed_audio(waves, sr, batch_size=self.max_batch).numpy()
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(N, L) int64 ids and mask -> (N, 512) float32, L2-normalised."""
+        out = self.model.embed_text_tokens(
+            torch.from_numpy(ids), torch.from_numpy(mask), batch_size=self.max_batch
+        )
+        return out.numpy()
+
+
+class OnnxEngine(EagerEngine):
+    """Both towers exported by ``export.onnx`` and run by onnxruntime; the audio preparation
+    (int16 round trip, fill, sliding windows, window pooling) is the model's own."""
+
+    name = "onnx"
+
+    def __init__(self, model, max_batch: int, out_dir: str | Path) -> None:
+        from export.onnx import export_tower
+        from export.runners import OnnxRunner
+
+        super().__init__(model, max_batch)
+        if model.cfg.enable_fusion:
+            raise ValueError("the onnx engine serves non-fusion models only; use --engine eager")
+        self.runners = {}
+        for tower in ("audio", "text"):
+            res = export_tower(model, tower, out_dir, verify_batches=(1,))
+            self.runners[tower] = OnnxRunner(res.path, "auto")
+
+    def embed_audio(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        from clap_fast.audio import prepare_batch
+
+        batch = prepare_batch(
+            [torch.from_numpy(c) for c in clips], self.model.cfg.audio, fusion=False
+        )
+        wins = batch.waveform
+        feats = torch.cat(
+            [
+                self.runners["audio"].embed_audio(wins[s : s + self.max_batch])
+                for s in range(0, len(wins), self.max_batch)
+            ]
+        )
+        if len(feats) != len(clips):  # several windows per clip: mean of normalised windows
+            pooled = torch.zeros(len(clips), feats.shape[1]).index_add_(0, batch.owner, feats)
+            feats = pooled / torch.bincount(batch.owner, minlength=len(clips))[:, None]
+        return F.normalize(feats, dim=-1).numpy()
+
+    def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = self.runners["text"].embed_text_tokens(torch.from_numpy(ids), torch.from_numpy(mask))
+        return out.numpy()
+
+
+def make_engine(name: str, model, max_batch: int, onnx_dir: str | Path | None = None):
+    """An engine by name; ValueError naming why for those this build cannot run."""
+    if name == "eager":
+        return EagerEngine(model, max_batch)
+    if name == "onnx":
+        import tempfile
+
+        return OnnxEngine(model, max_batch, onnx_dir or tempfile.mkdtemp(prefix="clap-serve-"))
+    if name == "trt":
+        raise ValueError(
+            "the trt engine is written against TensorRT 10, which is not installed here; "
+            "deploy with `python -m export.triton` and NVIDIA's Triton container instead"
+        )
+    raise ValueError(f"engine {name!r} is not served yet; use --engine eager or onnx")
+
+
+# ------------------------------------------------------------------------- infer functions
+def _split(out: np.ndarray, counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    bounds = np.cumsum([0, *counts])
+    return [{"embedding": out[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def audio_infer(engine, max_samples: int) -> Callable[[list], list[dict[str, np.ndarray]]]:
+    def infer(requests: list) -> list[dict[str, np.ndarray]]:
+        per_req = [check_waveform(r["waveform"], max_samples) for r in requests]
+        clips = [c for clips in per_req for c in clips]
+        return _split(engine.embed_audio(clips), [len(c) for c in per_req])
+
+    return infer
+
+
+def tokens_infer(engine, limits: tuple[int, int, bool]) -> Callable:
+    def infer(requests: list) -> list[dict[str, np.ndarray]]:
+        checked = [check_tokens(r["input_ids"], r["attention_mask"], *limits) for r in requests]
+        return [{"embedding": engine.embed_tokens(ids, mask)} for ids, mask in checked]
+
+    return infer
+
+
+def text_infer(engine, tokenize: Callable) -> Callable:
+    def infer(requests: list) -> list[dict[str, np.ndarray]]:
+        texts = [decode_texts(r["text"]) for r in requests]
+        flat = [t for ts in texts for t in ts]
+        tok = tokenize(flat)
+        out = engine.embed_tokens(tok["input_ids"].numpy(), tok["attention_mask"].numpy())
+        return _split(out, [len(t) for t in texts])
+
+    return infer
+
+
+# ------------------------------------------------------------------------------------ server
+def _load_model(checkpoint: str, device: str):
+    from clap_fast.model import CLAP
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return CLAP.from_pretrained(checkpoint).to(dev).eval()
+
+
+def run_server(args: Any) -> int:
+    """Bind the models and serve until SIGINT / SIGTERM (or the server dies)."""
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    model = _load_model(args.checkpoint, args.device)
+    engine = make_engine(args.engine, model, args.max_batch, args.onnx_dir)
+    sr = model.cfg.audio.sample_rate
+    dim = model.cfg.joint_embed_shape
+    batcher = (
+        None
+        if args.no_dynamic_batching
+        else DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us)
+    )
+    cfg = ModelConfig(max_batch_size=args.max_batch, batcher=batcher)
+    out = [Tensor(name="embedding", dtype=np.float32, shape=(dim,))]
+    triton_cfg = TritonConfig(
+        http_address="127.0.0.1", grpc_address="127.0.0.1", metrics_address="127.0.0.1",
+        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose, exit_on_error=True,
+    )  # fmt: skip
+
+    def on_term(signum, frame):  # PyTriton's serve() stops cleanly on KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    with Triton(config=triton_cfg) as triton:
+        triton.bind(
+            model_name="clap_audio",
+            infer_func=audio_infer(engine, int(args.max_seconds * sr)),
+            inputs=[Tensor(name="waveform", dtype=np.float32, shape=(-1,))],
+            outputs=out, config=cfg, strict=True,
+        )  # fmt: skip
+        triton.bind(
+            model_name="clap_text_tokens",
+            infer_func=tokens_infer(engine, text_limits(model)),
+            inputs=[
+                Tensor(name="input_ids", dtype=np.int64, shape=(-1,)),
+                Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
+            ],
+            outputs=out, config=cfg, strict=True,
+        )  # fmt: skip
+        try:
+            model.tokenize(["probe"])
+        except Exception as exc:  # RoBERTa's files are not available offline, for example
+            log.warning("clap_text not served (tokenizer unavailable: %s)", exc)
+        else:
+            triton.bind(
+                model_name="clap_text",
+                infer_func=text_infer(engine, model.tokenize),
+                inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
+                outputs=out, config=cfg, strict=True,
+            )  # fmt: skip
+        log.info(
+            "serving %s (%s engine, %d Hz) on http :%d, grpc :%d, metrics :%d",
+            args.checkpoint, engine.name, sr, args.http_port, args.grpc_port, args.metrics_port,
+        )  # fmt: skip
+        triton.serve()
+    log.info("server stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clap_fast.serve import build_parser, validate_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        validate_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        return run_server(args)
+    except KeyboardInterrupt:  # a signal during start-up; the Triton context has cleaned up
+        log.info("interrupted; server stopped")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
