@@ -1,4 +1,4 @@
-"""``clap-fast`` command line: embed, zero-shot, search, test-tars, check-ckpt.
+"""``clap-fast`` command line: embed, zero-shot, search, test-tars, prepare-pcm, check-ckpt.
 
 Each subcommand lives in the module that owns its logic; this file only routes to them.
 """
@@ -26,6 +26,11 @@ SUBCOMMANDS = {
     ),
     "search": ("clap_fast.cli_infer", "search_main", "rank audio embeddings against a text query"),
     "test-tars": ("clap_fast.tools", "test_tars_main", "check webdataset tars for broken members"),
+    "prepare-pcm": (
+        "clap_fast.pcm",
+        "prepare_pcm_main",
+        "convert LAION FLAC tars into int16 PCM tars for training",
+    ),
     "check-ckpt": (
         "clap_fast.tools",
         "check_ckpt_main",

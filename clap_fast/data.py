@@ -5,7 +5,10 @@ Layout (LAION's): ``<datasetpath>/<name>/<split>/N.tar`` next to ``sizes.json``
 path is appended to the command and its stdout is read (``pipe:aws s3 cp s3://bucket``).
 Samples are consecutive tar members sharing a key (the name up to the first dot of its
 basename, folder prefix included, as webdataset does): an audio member (flac / wav / ogg / mp3,
-decoded with soundfile) and a ``json`` with ``"text"`` (a caption or a list of them).
+decoded with soundfile, or ``npy``: int16 PCM of a ``clap-fast prepare-pcm`` shard, see
+``clap_fast.pcm``) and a ``json`` with ``"text"`` (a caption or a list of them). PCM samples
+stay int16 through crop / pad and batching (``waveform`` is then int16) until
+``clap_fast.pcm.to_float`` on the device; a batch mixing both layouts is float32.
 
 Pipeline, per rank and data-loader worker (all in the worker process):
 shard list shuffled with (seed, epoch) → split by rank, then by worker (or, ``resampled``,
@@ -42,6 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clap_fast.audio import fill, int16_round_trip, resample
 from clap_fast.config import AudioConfig, TextConfig
+from clap_fast.pcm import PCM_EXT, PCM_RATE, decode_pcm, stack_waveforms, to_float
 
 __all__ = [
     "SKIP_REASONS",
@@ -64,7 +68,7 @@ SKIP_REASONS = (
     "missing_audio",  # no audio member
     "undecodable_audio",  # soundfile cannot decode the audio member, or it is empty / not finite
 )
-AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
+AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", PCM_EXT)
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BLOCK = 512
 
@@ -277,16 +281,23 @@ def decode_sample(
         stats.add("missing_audio", url, key)
         return None
     try:
-        data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
-        if data.shape[0] == 0 or not np.isfinite(data).all():
-            raise ValueError("empty or non-finite audio")
+        if audio_ext == PCM_EXT:  # int16, already quantised at 48 kHz: kept int16
+            x = decode_pcm(group[audio_ext])
+        else:
+            data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
+            if data.shape[0] == 0 or not np.isfinite(data).all():
+                raise ValueError("empty or non-finite audio")
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         stats.add("undecodable_audio", url, f"{key}.{audio_ext} ({type(exc).__name__})")
         return None
-    x = torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # LAION keeps channel 0
-    x = int16_round_trip(resample(x, int(sr), spec.audio.sample_rate))
+    if audio_ext == PCM_EXT and spec.audio.sample_rate != PCM_RATE:
+        x = int16_round_trip(resample(to_float(x), PCM_RATE, spec.audio.sample_rate))
+    elif audio_ext != PCM_EXT:
+        x = torch.from_numpy(np.ascontiguousarray(data[:, 0]))  # LAION keeps channel 0
+        x = int16_round_trip(resample(x, int(sr), spec.audio.sample_rate))
     out: dict[str, Any] = {"key": key, "seconds": x.numel() / spec.audio.sample_rate}
     if spec.enable_fusion:
+        x = to_float(x) if x.dtype == torch.int16 else x
         out["mel_fusion"], out["longer"] = _fusion_input(x, spec, rng)
     elif x.numel() > spec.clip_samples:
         start = rng.randrange(x.numel() - spec.clip_samples + 1)
@@ -387,7 +398,7 @@ class WebAudioDataset(IterableDataset):
             batch["mel_fusion"] = torch.stack([it["mel_fusion"] for it in items])
             batch["longer"] = torch.tensor([it["longer"] for it in items])
         else:
-            batch["waveform"] = torch.stack([it["waveform"] for it in items])
+            batch["waveform"] = stack_waveforms([it["waveform"] for it in items])
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -441,14 +452,17 @@ class WebAudioDataset(IterableDataset):
         yield {"stats": stats.take(), "final": True, "worker": worker, "dropped": dropped}
 
 
-def make_loader(dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2) -> DataLoader:
+def make_loader(
+    dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2, pin_memory: bool = False
+) -> DataLoader:
     """A DataLoader that passes the dataset's ready-made batches through unchanged.
 
     Its own generator keeps the global torch RNG untouched (resumed runs replay it exactly).
+    ``pin_memory`` (on a CUDA host) pins each batch so ``to(device, non_blocking=True)`` is async.
     """
     kw: dict[str, Any] = {
         "generator": torch.Generator().manual_seed(_mix(dataset.seed, dataset.epoch))
     }
     if workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=False, **kw)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw)

@@ -313,7 +313,8 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         stats = SkipStats()
         batches_in_epoch = 0
         meter.start_epoch()
-        it = iter(make_loader(dataset, cfg.workers, cfg.prefetch_factor))
+        pin = d.device.type == "cuda"
+        it = iter(make_loader(dataset, cfg.workers, cfg.prefetch_factor, pin_memory=pin))
         bar = None
         if d.main:
             from tqdm.auto import tqdm
