@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clap_fast.audio import fill, int16_round_trip, resample
 from clap_fast.config import AudioConfig, TextConfig
-from clap_fast.pcm import PCM_EXT, PCM_RATE, decode_pcm, stack_waveforms, to_float
+from clap_fast.pcm import PCM_EXT, PCM_RATE, decode_pcm, probe_sample, stack_waveforms, to_float
 
 __all__ = [
     "SKIP_REASONS",
@@ -358,12 +358,18 @@ class WebAudioDataset(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer if shuffle else 1)
         self.resampled, self.drop_last = resampled, drop_last
-        self.epoch = 0
+        self.epoch, self.resume_batches = 0, 0
         self._tokenizer = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Shard order and shuffling depend on (seed, epoch) only: resumable and reproducible."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, resume_batches: int = 0) -> None:
+        """Shard order and shuffling depend on (seed, epoch) only: resumable and reproducible.
+
+        ``resume_batches``: the trainer already consumed this many batches of the epoch; each
+        worker then yields its share of them as placeholders (``{"placeholder": True, "keys",
+        "seconds", "stats"}``) found without decoding PCM audio (``clap_fast.pcm.probe_sample``),
+        with the same random draws, so the next real batch is the uninterrupted run's.
+        """
+        self.epoch, self.resume_batches = epoch, resume_batches
 
     def my_shards(self, worker: int, num_workers: int) -> list[str]:
         """This (rank, worker)'s shards for the current epoch."""
@@ -384,6 +390,9 @@ class WebAudioDataset(IterableDataset):
         return self._tokenizer(texts)
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if items[0].get("placeholder"):
+            return {"placeholder": True, "keys": [it["key"] for it in items],
+                    "seconds": float(sum(it["seconds"] for it in items))}  # fmt: skip
         texts = [t for it in items for t in it["texts"]]
         owner = [i for i, it in enumerate(items) for _ in it["texts"]]
         tok = self._tokenize(texts)
@@ -409,6 +418,8 @@ class WebAudioDataset(IterableDataset):
         buffer: list[tuple[str, str, dict[str, bytes]]] = []
         pending: list[dict[str, Any]] = []
         t0 = time.perf_counter()
+        # DataLoader workers take batch slots in turn: this worker's share of the skipped ones
+        probe_left = len(range(worker, self.resume_batches, num_workers)) * self.batch_size
 
         def emit_ready() -> Iterator[dict[str, Any]]:
             nonlocal t0
@@ -421,7 +432,12 @@ class WebAudioDataset(IterableDataset):
                 t0 = time.perf_counter()
 
         def decode(url: str, key: str, group: dict[str, bytes]) -> None:
-            item = decode_sample(key, group, self.spec, rng, url, stats)
+            nonlocal probe_left
+            if probe_left:
+                item = probe_sample(key, group, self.spec, rng, url, stats)
+                probe_left -= item is not None
+            else:
+                item = decode_sample(key, group, self.spec, rng, url, stats)
             if item is not None:
                 stats.clips += 1
                 pending.append(item)

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import random
 import sys
 import tarfile
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "decode_pcm",
     "pcm_length",
     "stack_waveforms",
+    "probe_sample",
     "convert_sample",
     "convert_shard",
     "prepare_pcm",
@@ -120,6 +122,47 @@ def stack_waveforms(waves: Sequence[torch.Tensor]) -> torch.Tensor:
     if all(w.dtype == torch.int16 for w in waves):
         return torch.stack(list(waves))
     return torch.stack([to_float(w) if w.dtype == torch.int16 else w for w in waves])
+
+
+def probe_sample(
+    key: str, group: dict[str, bytes], spec: Any, rng: random.Random, url: str, stats: Any
+) -> dict[str, Any] | None:
+    """``decode_sample``'s outcome without its audio: ``{"key", "seconds", "placeholder"}`` or
+    None, with the same skip counts and the same draws from ``rng`` (mid-epoch resume).
+
+    A PCM member's length comes from its header (no copy); other layouts (and fusion or a model
+    rate other than 48 kHz, whose draws need the audio) are decoded in full and dropped.
+    """
+    from clap_fast.data import AUDIO_EXTS, _captions, decode_sample
+
+    ext = next((e for e in AUDIO_EXTS if e in group), None)
+    if ext != PCM_EXT or spec.enable_fusion or spec.audio.sample_rate != PCM_RATE:
+        item = decode_sample(key, group, spec, rng, url, stats)
+        return None if item is None else {"key": key, "seconds": item["seconds"], "placeholder": 1}
+    # the checks of decode_sample, in its order (tests/test_pcm.py holds the two together)
+    if "json" not in group:
+        stats.add("missing_text", url, key)
+        return None
+    try:
+        texts = _captions(json.loads(group["json"]))
+    except (ValueError, UnicodeDecodeError):
+        stats.add("bad_json", url, f"{key}.json")
+        return None
+    if texts is None:
+        stats.add("missing_text", url, f"{key}.json")
+        return None
+    try:
+        n = pcm_length(group[PCM_EXT])
+        if n == 0:
+            raise ValueError("empty PCM member")
+    except ValueError as exc:
+        stats.add("undecodable_audio", url, f"{key}.{PCM_EXT} ({type(exc).__name__})")
+        return None
+    if n > spec.clip_samples:  # the random crop's draw
+        rng.randrange(n - spec.clip_samples + 1)
+    if not spec.all_captions:  # the caption's draw
+        rng.choice(texts)
+    return {"key": key, "seconds": n / PCM_RATE, "placeholder": 1}
 
 
 def _source_audio(group: dict[str, bytes]) -> str | None:

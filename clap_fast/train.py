@@ -309,7 +309,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch, resume_batches=skip_batches)  # skipped without decoding
         stats = SkipStats()
         batches_in_epoch = 0
         meter.start_epoch()

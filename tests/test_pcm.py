@@ -201,3 +201,43 @@ def test_prepare_pcm_resumes_where_it_stopped(src: Path, tmp_path: Path) -> None
     assert {p.name: p.read_bytes() for p in split.glob("*.tar")} == first  # byte-identical
     with pytest.raises(ValueError, match="not a directory"):
         prepare_pcm(tmp_path / "missing", dst)
+
+
+def _stream(root: Path, workers: int, resume: int) -> list[dict]:
+    from clap_fast.data import make_loader
+
+    spec = DecodeSpec(AudioConfig(), TextConfig(model_type="transformer"), 12000, "repeatpad")
+    urls = [str(root / "synth" / "train" / f"{i}.tar") for i in range(3)]
+    ds = WebAudioDataset(urls * 2, spec, batch_size=2, seed=5, shuffle_buffer=3)
+    ds.set_epoch(2, resume_batches=resume)
+    return list(make_loader(ds, workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_seeks_to_the_uninterrupted_next_batch(src: Path, tmp_path: Path, workers) -> None:
+    dst = tmp_path / "pcm"
+    prepare_pcm(src, dst)
+    shard = dst / "synth" / "train" / "1.tar"  # a sample the probe must skip as the decoder does
+    _write(
+        shard,
+        [(m, b'{"text": [' if m.name == "train_000005.json" else b) for m, b in _members(shard)],
+    )
+    for root, probed in ((dst, True), (src, False)):
+        full = _stream(root, workers, 0)
+        real = [b for b in full if not b.get("final")]
+        assert len(real) == (11 if probed else 12) and not any(b.get("placeholder") for b in real)
+        for n in (1, 3, 6):
+            resumed = _stream(root, workers, n)
+            items = [b for b in resumed if not b.get("final")]
+            assert all(b.get("placeholder") for b in items[:n])
+            assert not any(b.get("placeholder") for b in items[n:])
+            assert [b["keys"] for b in items] == [b["keys"] for b in real]
+            for a, b in zip(real[n:], items[n:]):
+                assert torch.equal(a["waveform"], b["waveform"])
+                assert torch.equal(a["input_ids"], b["input_ids"])
+            counts = [SkipStats(), SkipStats()]
+            for stats, stream in zip(counts, (full, resumed)):
+                for b in stream:
+                    stats.merge(b["stats"])
+            assert counts[0].counts == counts[1].counts and counts[0].clips == counts[1].clips
+            assert (sum(counts[0].counts.values()) == 2) == probed  # the bad json, twice
