@@ -71,6 +71,7 @@ SKIP_REASONS = (
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", PCM_EXT)
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BLOCK = 512
+_READ = 1 << 20  # stream reads of 1 MiB: tarfile's default 10 KiB costs Python calls per sample
 
 
 @dataclass
@@ -163,7 +164,11 @@ class _Tap(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
         self.pos += len(data)
-        self.tail = (self.tail + data)[-self.keep :]
+        # copy at most ``keep`` bytes per read (concatenating whole reads made tar reading the
+        # cost of a PCM sample)
+        self.tail = (
+            data[-self.keep :] if len(data) >= self.keep else (self.tail + data)[-self.keep :]
+        )
         return data
 
     def block_at(self, offset: int) -> bytes | None:
@@ -198,7 +203,7 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[tuple[str, dict[str
     tap = _Tap(raw)
     key, group, current, end = None, {}, "", 0
     try:
-        with tarfile.open(fileobj=tap, mode="r|") as tar:
+        with tarfile.open(fileobj=tap, mode="r|", bufsize=_READ) as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -282,7 +287,7 @@ def decode_sample(
         return None
     try:
         if audio_ext == PCM_EXT:  # int16, already quantised at 48 kHz: kept int16
-            x = decode_pcm(group[audio_ext])
+            x = decode_pcm(group[audio_ext], copy=False)
         else:
             data, sr = sf.read(io.BytesIO(group[audio_ext]), dtype="float32", always_2d=True)
             if data.shape[0] == 0 or not np.isfinite(data).all():

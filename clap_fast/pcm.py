@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import tarfile
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -108,11 +109,19 @@ def pcm_length(data: bytes) -> int:
     return _header(data)[0]
 
 
-def decode_pcm(data: bytes) -> torch.Tensor:
-    """A ``.npy`` PCM member → (T,) int16 tensor (one copy, no pickle); ValueError if malformed."""
+def decode_pcm(data: bytes, copy: bool = True) -> torch.Tensor:
+    """A ``.npy`` PCM member → (T,) int16 tensor (no pickle); ValueError if malformed.
+
+    ``copy=False`` (the loader, which crops and then stacks into a new batch tensor anyway)
+    returns a view of ``data`` that must not be written to.
+    """
     n, offset = _header(data)
     if n == 0:
         raise ValueError("empty PCM member")
+    if not copy and sys.byteorder == "little":
+        with warnings.catch_warnings():  # bytes are read-only; the view is only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=torch.int16, count=n, offset=offset)
     arr = np.frombuffer(data, dtype="<i2", count=n, offset=offset)
     return torch.from_numpy(arr.astype(np.int16))  # the copy makes it writable and native
 

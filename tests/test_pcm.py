@@ -74,6 +74,7 @@ def test_pcm_member_round_trip_and_rejects_bad_headers() -> None:
     data = encode_pcm(q.numpy())
     assert pcm_length(data) == 5
     assert torch.equal(decode_pcm(data), q)
+    assert torch.equal(decode_pcm(data, copy=False), q)
     for bad in (b"not npy", data[:-2], encode_pcm(q[:0].numpy())):
         with pytest.raises(ValueError):
             decode_pcm(bad)
