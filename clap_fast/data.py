@@ -71,7 +71,7 @@ SKIP_REASONS = (
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", PCM_EXT)
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BLOCK = 512
-_READ = 1 << 20  # stream reads of 1 MiB: tarfile's default 10 KiB costs Python calls per sample
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 @dataclass
@@ -152,30 +152,67 @@ def split_urls(datasetpath: str, name: str, split: str) -> tuple[list[str], int]
 
 
 # ------------------------------------------------------------------ tar reading
-class _Tap(io.RawIOBase):
-    """A read-only stream that remembers its last bytes, to find the end-of-archive marker."""
+def _exact(raw: Any, n: int) -> bytes:
+    """``n`` bytes of a stream (fewer only at its end); one copy for a regular file or a pipe."""
+    data = raw.read(n)
+    if len(data) < n and data:
+        parts = [data]
+        while sum(map(len, parts)) < n and (more := raw.read(n - sum(map(len, parts)))):
+            parts.append(more)
+        data = b"".join(parts)
+    return data
 
-    def __init__(self, raw: Any, keep: int = 1 << 16) -> None:
-        self.raw, self.pos, self.keep, self.tail = raw, 0, keep, b""
 
-    def readable(self) -> bool:
-        return True
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    pos, path = 0, None
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.pos += len(data)
-        # copy at most ``keep`` bytes per read (concatenating whole reads made tar reading the
-        # cost of a PCM sample)
-        self.tail = (
-            data[-self.keep :] if len(data) >= self.keep else (self.tail + data)[-self.keep :]
-        )
-        return data
 
-    def block_at(self, offset: int) -> bytes | None:
-        start = offset - (self.pos - len(self.tail))
-        if start < 0 or start + _BLOCK > len(self.tail):
-            return None
-        return self.tail[start : start + _BLOCK]
+def _tar_members(raw: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a ustar / pax / GNU tar stream, in order.
+
+    Reads each member with one ``read`` (tarfile's stream mode copies every byte several times,
+    which made reading the tar most of the cost of a PCM sample). Raises ``tarfile.ReadError``
+    on a short member, an invalid header, or an end without the end-of-archive zero block.
+    """
+    long_name: str | None = None
+    while True:
+        header = _exact(raw, _BLOCK)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(
+                "no end-of-archive marker" if not header else "truncated header"
+            )
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"invalid header ({exc})") from None
+        name = long_name or info.name
+        pad = -info.size % _BLOCK
+        data = _exact(raw, info.size)
+        if len(data) < info.size or len(_exact(raw, pad)) < pad:
+            exc = tarfile.ReadError("unexpected end of data")
+            exc.member = name  # the member being read, for the report
+            raise exc
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if info.type == tarfile.XHDTYPE:
+            long_name = _pax_path(data) or long_name
+            continue
+        long_name = None
+        if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
+            if not name.endswith("/"):
+                yield name, data
 
 
 def _open(url: str) -> tuple[Any, subprocess.Popen | None]:
@@ -200,34 +237,26 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[tuple[str, dict[str
     except OSError as exc:
         stats.add("unreadable_tar", url, f"({type(exc).__name__}: {exc})")
         return
-    tap = _Tap(raw)
-    key, group, current, end = None, {}, "", 0
+    key, group = None, {}
     try:
-        with tarfile.open(fileobj=tap, mode="r|", bufsize=_READ) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                current = m.name
-                match = _KEY_RE.match(m.name)
-                k = match.group(1) if match else None
-                if group and k != key:  # a sample ends where the next key starts
-                    yield key, group
-                    group = {}
-                data = tar.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
-                if match is None:
-                    continue  # no extension: not part of a sample (as webdataset)
-                key = k
-                group[match.group(2).lower()] = data
-                current = ""
-        if tap.block_at(end) != bytes(_BLOCK):
-            raise tarfile.ReadError("no end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        where = current or (f"after {key}" if key else "(start)")
-        stats.add("truncated_tar", url, f"{where} ({exc})")
-        return
+        for name, data in _tar_members(raw):
+            match = _KEY_RE.match(name)
+            k = match.group(1) if match else None
+            if group and k != key:  # a sample ends where the next key starts
+                yield key, group
+                group = {}
+            if match is None:
+                continue  # no extension: not part of a sample (as webdataset)
+            key = k
+            group[match.group(2).lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        member = getattr(exc, "member", None)
+        stats.add(
+            "truncated_tar", url, f"{member or (key and f'after {key}') or '(start)'} ({exc})"
+        )
+        m = _KEY_RE.match(member or "")
+        if member is None or (m.group(1) if m else None) == key:
+            return  # the sample being read breaks with the tar
     finally:
         raw.close()
         if proc is not None:
