@@ -122,6 +122,7 @@ def test_prepare_pcm(benchmark, shards, tmp_path: Path) -> None:
         shutil.rmtree(dst, ignore_errors=True)
         return prepare_pcm(src, dst)["written"]
 
+    benchmark.group = "prepare_pcm_10s_clips"
     benchmark.extra_info.update(items=CLIPS, provider="prepare_pcm_1_worker")
     if benchmark.disabled:
         benchmark(convert)
