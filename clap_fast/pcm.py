@@ -14,8 +14,9 @@ streaming (one sample in memory per worker). It is resumable: a shard counts as 
 tar and its report ``N.tar.report.json`` both exist and agree; it is written as ``.part`` files
 and renamed, so a killed run never leaves a half shard that looks complete. Counts are checked
 (samples read = converted + failed, the written tar re-read, and the source ``sizes.json`` when
-there is one), and every sample that could not be converted is named by reason, shard and member
-(the loader's ``SKIP_REASONS``) in ``DST/prepare_pcm_report.json`` and on stdout.
+there is one: ``count_mismatch``, ``missing_shard``), and every sample that could not be converted
+is named by reason, shard and member (the loader's ``SKIP_REASONS``) in
+``DST/prepare_pcm_report.json`` and on stdout. SRC is a local directory (no ``pipe:`` URLs).
 """
 
 from __future__ import annotations
@@ -300,28 +301,32 @@ def convert_shard(
     return {**rep, "resumed": False}
 
 
-def _convert_task(args: tuple[str, str, int | None, int]) -> dict[str, Any]:
+def _convert_task(args: tuple[str, str, int | None]) -> dict[str, Any]:
     torch.set_num_threads(1)  # one core per worker process: parallelism is across shards
     return convert_shard(*args)
 
 
-def _jobs(src: Path, dst: Path) -> list[tuple[str, str, int | None]]:
-    jobs = []
+def _jobs(src: Path, dst: Path) -> tuple[list[tuple[str, str, int | None]], list[list[str]]]:
+    """(convert jobs, [["missing_shard", shard, note]] for shards a sizes.json lists but lacks)."""
+    jobs, missing, sizes_of = [], [], {}
+    out = dst.resolve()
     for tar in sorted(src.rglob("*.tar")):
-        rel = tar.relative_to(src)
-        sizes: dict[str, Any] = {}
-        try:
-            sizes = json.loads((tar.parent / "sizes.json").read_text())
-        except (OSError, ValueError):
-            pass
-        exp = sizes.get(tar.name)
-        jobs.append((str(tar), str(dst / rel), int(exp) if exp is not None else None))
-    return jobs
+        if out == tar.resolve().parent or out in tar.resolve().parents:
+            continue  # DST inside SRC: never convert our own output
+        if tar.parent not in sizes_of:
+            try:
+                sizes_of[tar.parent] = json.loads((tar.parent / "sizes.json").read_text())
+            except (OSError, ValueError):
+                sizes_of[tar.parent] = {}
+        exp = sizes_of[tar.parent].get(tar.name)
+        jobs.append((str(tar), str(dst / tar.relative_to(src)), None if exp is None else int(exp)))
+    for d, sizes in sizes_of.items():
+        for name in sorted(set(sizes) - {p.name for p in d.glob("*.tar")}):
+            missing.append(["missing_shard", str(d / name), "listed in sizes.json, not on disk"])
+    return jobs, missing
 
 
-def prepare_pcm(
-    src: str | Path, dst: str | Path, workers: int = 1, sample_rate: int = PCM_RATE
-) -> dict[str, Any]:
+def prepare_pcm(src: str | Path, dst: str | Path, workers: int = 1) -> dict[str, Any]:
     """Convert every ``*.tar`` under ``src`` to a PCM shard under ``dst`` (see module doc).
 
     Writes ``sizes.json`` (samples written) next to each converted split and
@@ -333,7 +338,7 @@ def prepare_pcm(
         raise ValueError(f"prepare-pcm: SRC {src} is not a directory")
     if src.resolve() == dst.resolve():
         raise ValueError("prepare-pcm: DST must differ from SRC")
-    jobs = [(s, d, e, sample_rate) for s, d, e in _jobs(src, dst)]
+    jobs, missing = _jobs(src, dst)
     if not jobs:
         raise ValueError(f"prepare-pcm: no .tar files under {src}")
     if workers < 1:
@@ -365,7 +370,7 @@ def prepare_pcm(
         "resumed": sum(r["resumed"] for r in reports),
         "read": sum(r["read"] for r in reports),
         "written": sum(r["written"] for r in reports),
-        "failed": [f for r in reports for f in r["failed"]],
+        "failed": missing + [f for r in reports for f in r["failed"]],
         "src_bytes": sum(Path(r["src"]).stat().st_size for r in reports),
         "dst_bytes": sum(r["bytes"] for r in reports),
         "audio_bytes": sum(r["audio_bytes"] for r in reports),

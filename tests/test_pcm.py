@@ -161,19 +161,22 @@ def broken(src: Path, tmp_path: Path) -> tuple[Path, set[tuple[str, str]]]:
     with tarfile.open(split / "1.tar") as t:
         cut = next(m for m in t.getmembers() if m.name == "train_000006.flac")
     (split / "1.tar").write_bytes(raw[: cut.offset_data + 300])
+    sizes = json.loads((split / "sizes.json").read_text())
+    (split / "sizes.json").write_text(json.dumps({**sizes, "9.tar": 4}))  # a shard gone missing
     expected = {
         ("undecodable_audio", "train_000001.flac"),
         ("bad_json", "train_000002.json"),
         ("missing_audio", "train_000003"),
         ("truncated_tar", "train_000006.flac"),
         ("count_mismatch", "sizes.json"),  # shard 1 held fewer samples than sizes.json says
+        ("missing_shard", "listed"),
     }
     return root, expected
 
 
 def test_broken_sources_are_counted_and_named(broken, tmp_path: Path, capsys) -> None:
     root, expected = broken
-    dst = tmp_path / "pcm"
+    dst = root / "pcm"  # inside SRC: its own output must never become input
     assert prepare_pcm_main([str(root), str(dst), "--workers", "2"]) == 1
     lines = [x.split("\t") for x in capsys.readouterr().out.splitlines() if "\t" in x]
     assert {(r, m.split(" ")[0]) for r, _, m in lines} == expected
@@ -185,6 +188,8 @@ def test_broken_sources_are_counted_and_named(broken, tmp_path: Path, capsys) ->
         stats = SkipStats()
         assert sum(1 for _ in read_tar_samples(str(dst / "synth" / "train" / name), stats)) == n
         assert not stats.details
+    again = prepare_pcm(root, dst)
+    assert (again["shards"], again["resumed"], len(again["failed"])) == (3, 3, len(expected))
 
 
 def test_prepare_pcm_resumes_where_it_stopped(src: Path, tmp_path: Path) -> None:
