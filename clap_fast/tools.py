@@ -53,6 +53,7 @@ def test_tars(urls: list[str], batch_size: int = 1) -> SkipStats:
         for key, group in read_tar_samples(url, stats):
             n += decode_sample(key, group, spec, rng, url, stats) is not None
         log.info("%s: %d good samples", url, n)
+        stats.clips += n
     return stats
 
 
