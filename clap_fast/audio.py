@@ -251,8 +251,8 @@ def _windows(
 
 @dataclass
 class PreparedClip:
-    """One clip as model input: ``windows`` (W, clip_samples) float32 (non-fusion; W > 1 only
-    for ``sliding``), or ``mel_fusion`` (4, frames, mel_bins) float32 and ``longer``."""
+    """One clip as model input: ``windows`` (W, clip_samples) float32, or int16 for an int16
+    clip (non-fusion; W > 1 only for ``sliding``), or ``mel_fusion`` (4, frames, mel_bins) float32 and ``longer``."""
 
     windows: torch.Tensor | None = None
     mel_fusion: torch.Tensor | None = None
@@ -290,14 +290,21 @@ def prepare_clip(
 ) -> PreparedClip:
     """One validated 1-D clip at ``cfg.sample_rate`` -> model input (see the module docstring).
 
-    int16 round trip, then: non-fusion, a short clip is filled (``data_filling``) and a long one
+    int16 round trip (an int16 clip is taken as already quantised, and non-fusion windows stay
+    int16), then: non-fusion, a short clip is filled (``data_filling``) and a long one
     cut by ``long_audio`` (default ``sliding``); fusion, the HTK log-mel of the (filled) clip
     computed by ``ops.log_mel`` on ``device`` and its 4 views (``antialias``, ``generator`` for
     random crops). ``clip_samples`` overrides the config's clip length.
     """
     long_audio = _check_options(fusion, data_filling, long_audio)
     clip = clip_samples or cfg.clip_samples
-    x = int16_round_trip(x)
+    if x.dtype == torch.int16:
+        # PCM shards hold LAION's quantised samples already: crops and fills stay int16 (the
+        # division by 32767 happens on the device); fusion needs the float clip now.
+        if fusion:
+            x = x.to(torch.float32) / 32767.0
+    else:
+        x = int16_round_trip(x)
     if not fusion:
         if x.shape[0] > clip:
             return PreparedClip(windows=torch.stack(_windows(x, clip, long_audio, generator)))

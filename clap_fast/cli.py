@@ -1,4 +1,5 @@
-"""``clap-fast`` command line: embed, zero-shot, search, index, test-tars, check-ckpt, serve.
+"""``clap-fast`` command line: embed, zero-shot, search, index, test-tars, prepare-pcm,
+check-ckpt, serve.
 
 Each subcommand lives in the module that owns its logic; this file only routes to them.
 """
@@ -31,6 +32,11 @@ SUBCOMMANDS = {
     ),
     "index": ("clap_fast.cli_library", "index_main", "build a FAISS index of embeddings"),
     "test-tars": ("clap_fast.tools", "test_tars_main", "check webdataset tars for broken members"),
+    "prepare-pcm": (
+        "clap_fast.pcm",
+        "prepare_pcm_main",
+        "convert LAION FLAC tars into int16 PCM tars for training",
+    ),
     "check-ckpt": (
         "clap_fast.tools",
         "check_ckpt_main",

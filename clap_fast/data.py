@@ -5,7 +5,10 @@ Layout (LAION's): ``<datasetpath>/<name>/<split>/N.tar`` next to ``sizes.json``
 path is appended to the command and its stdout is read (``pipe:aws s3 cp s3://bucket``).
 Samples are consecutive tar members sharing a key (the name up to the first dot of its
 basename, folder prefix included, as webdataset does): an audio member (flac / wav / ogg / mp3,
-decoded with soundfile) and a ``json`` with ``"text"`` (a caption or a list of them).
+decoded with soundfile, or ``npy``: int16 PCM of a ``clap-fast prepare-pcm`` shard, see
+``clap_fast.pcm``) and a ``json`` with ``"text"`` (a caption or a list of them). PCM samples
+stay int16 through crop / pad and batching (``waveform`` is then int16) until
+``clap_fast.pcm.to_float`` on the device; a batch mixing both layouts is float32.
 
 Pipeline, per rank and data-loader worker (all in the worker process):
 shard list shuffled with (seed, epoch) → split by rank, then by worker (or, ``resampled``,
@@ -24,7 +27,6 @@ final stats-only item at the end of each worker's epoch (``{"stats": ..., "final
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -41,8 +43,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clap_fast.audio import decode_audio, prepare_clip
+from clap_fast.audio import decode_audio, prepare_clip, resample
 from clap_fast.config import AudioConfig, TextConfig
+from clap_fast.pcm import PCM_EXT, PCM_RATE, decode_pcm, probe_sample, stack_waveforms, to_float
 
 __all__ = [
     "SKIP_REASONS",
@@ -66,9 +69,10 @@ SKIP_REASONS = (
     "missing_audio",  # no audio member
     "undecodable_audio",  # soundfile cannot decode the audio member, or it is empty / not finite
 )
-AUDIO_EXTS = ("flac", "wav", "mp3", "ogg")
+AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", PCM_EXT)
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 @dataclass
@@ -171,26 +175,67 @@ def split_urls(datasetpath: str, name: str, split: str) -> tuple[list[str], int]
 
 
 # ------------------------------------------------------------------ tar reading
-class _Tap(io.RawIOBase):
-    """A read-only stream that remembers its last bytes, to find the end-of-archive marker."""
+def _exact(raw: Any, n: int) -> bytes:
+    """``n`` bytes of a stream (fewer only at its end); one copy for a regular file or a pipe."""
+    data = raw.read(n)
+    if len(data) < n and data:
+        parts = [data]
+        while sum(map(len, parts)) < n and (more := raw.read(n - sum(map(len, parts)))):
+            parts.append(more)
+        data = b"".join(parts)
+    return data
 
-    def __init__(self, raw: Any, keep: int = 1 << 16) -> None:
-        self.raw, self.pos, self.keep, self.tail = raw, 0, keep, b""
 
-    def readable(self) -> bool:
-        return True
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    pos, path = 0, None
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.pos += len(data)
-        self.tail = (self.tail + data)[-self.keep :]
-        return data
 
-    def block_at(self, offset: int) -> bytes | None:
-        start = offset - (self.pos - len(self.tail))
-        if start < 0 or start + _BLOCK > len(self.tail):
-            return None
-        return self.tail[start : start + _BLOCK]
+def _tar_members(raw: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a ustar / pax / GNU tar stream, in order.
+
+    Reads each member with one ``read`` (tarfile's stream mode copies every byte several times,
+    which made reading the tar most of the cost of a PCM sample). Raises ``tarfile.ReadError``
+    on a short member, an invalid header, or an end without the end-of-archive zero block.
+    """
+    long_name: str | None = None
+    while True:
+        header = _exact(raw, _BLOCK)
+        if len(header) < _BLOCK:
+            raise tarfile.ReadError(
+                "no end-of-archive marker" if not header else "truncated header"
+            )
+        if header == _ZERO_BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise tarfile.ReadError(f"invalid header ({exc})") from None
+        name = long_name or info.name
+        pad = -info.size % _BLOCK
+        data = _exact(raw, info.size)
+        if len(data) < info.size or len(_exact(raw, pad)) < pad:
+            exc = tarfile.ReadError("unexpected end of data")
+            exc.member = name  # the member being read, for the report
+            raise exc
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if info.type == tarfile.XHDTYPE:
+            long_name = _pax_path(data) or long_name
+            continue
+        long_name = None
+        if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE):
+            if not name.endswith("/"):
+                yield name, data
 
 
 def _open(url: str) -> tuple[Any, subprocess.Popen | None]:
@@ -215,34 +260,26 @@ def read_tar_samples(url: str, stats: SkipStats) -> Iterator[tuple[str, dict[str
     except OSError as exc:
         stats.add("unreadable_tar", url, f"({type(exc).__name__}: {exc})")
         return
-    tap = _Tap(raw)
-    key, group, current, end = None, {}, "", 0
+    key, group = None, {}
     try:
-        with tarfile.open(fileobj=tap, mode="r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                current = m.name
-                match = _KEY_RE.match(m.name)
-                k = match.group(1) if match else None
-                if group and k != key:  # a sample ends where the next key starts
-                    yield key, group
-                    group = {}
-                data = tar.extractfile(m).read()
-                if len(data) != m.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                end = m.offset_data + -(-m.size // _BLOCK) * _BLOCK
-                if match is None:
-                    continue  # no extension: not part of a sample (as webdataset)
-                key = k
-                group[match.group(2).lower()] = data
-                current = ""
-        if tap.block_at(end) != bytes(_BLOCK):
-            raise tarfile.ReadError("no end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        where = current or (f"after {key}" if key else "(start)")
-        stats.add("truncated_tar", url, f"{where} ({exc})")
-        return
+        for name, data in _tar_members(raw):
+            match = _KEY_RE.match(name)
+            k = match.group(1) if match else None
+            if group and k != key:  # a sample ends where the next key starts
+                yield key, group
+                group = {}
+            if match is None:
+                continue  # no extension: not part of a sample (as webdataset)
+            key = k
+            group[match.group(2).lower()] = data
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        member = getattr(exc, "member", None)
+        stats.add(
+            "truncated_tar", url, f"{member or (key and f'after {key}') or '(start)'} ({exc})"
+        )
+        m = _KEY_RE.match(member or "")
+        if member is None or (m.group(1) if m else None) == key:
+            return  # the sample being read breaks with the tar
     finally:
         raw.close()
         if proc is not None:
@@ -302,11 +339,16 @@ def decode_sample(
         return None
     import soundfile as sf  # here, not at module level: the GPU image has no soundfile
 
-    try:  # LAION's training loader keeps channel 0
-        x = decode_audio(group[audio_ext], spec.audio.sample_rate, downmix="first")
+    try:
+        if audio_ext == PCM_EXT:  # int16, already quantised at 48 kHz: kept int16
+            x = decode_pcm(group[audio_ext], copy=False)
+        else:  # LAION's training loader keeps channel 0
+            x = decode_audio(group[audio_ext], spec.audio.sample_rate, downmix="first")
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         stats.add("undecodable_audio", url, f"{key}.{audio_ext} ({type(exc).__name__})")
         return None
+    if audio_ext == PCM_EXT and spec.audio.sample_rate != PCM_RATE:
+        x = resample(to_float(x), PCM_RATE, spec.audio.sample_rate)
     out: dict[str, Any] = {"key": key, "seconds": x.numel() / spec.audio.sample_rate}
     # LAION's random crops: a generator seeded from the worker's stream, per fusion sample or
     # long clip (the same draws from ``rng`` as before the one preparation path).
@@ -359,12 +401,18 @@ class WebAudioDataset(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer if shuffle else 1)
         self.resampled, self.drop_last = resampled, drop_last
-        self.epoch = 0
+        self.epoch, self.resume_batches = 0, 0
         self._tokenizer = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Shard order and shuffling depend on (seed, epoch) only: resumable and reproducible."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, resume_batches: int = 0) -> None:
+        """Shard order and shuffling depend on (seed, epoch) only: resumable and reproducible.
+
+        ``resume_batches``: the trainer already consumed this many batches of the epoch; each
+        worker then yields its share of them as placeholders (``{"placeholder": True, "keys",
+        "seconds", "stats"}``) found without decoding PCM audio (``clap_fast.pcm.probe_sample``),
+        with the same random draws, so the next real batch is the uninterrupted run's.
+        """
+        self.epoch, self.resume_batches = epoch, resume_batches
 
     def my_shards(self, worker: int, num_workers: int) -> list[str]:
         """This (rank, worker)'s shards for the current epoch."""
@@ -385,6 +433,9 @@ class WebAudioDataset(IterableDataset):
         return self._tokenizer(texts)
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if items[0].get("placeholder"):
+            return {"placeholder": True, "keys": [it["key"] for it in items],
+                    "seconds": float(sum(it["seconds"] for it in items))}  # fmt: skip
         texts = [t for it in items for t in it["texts"]]
         owner = [i for i, it in enumerate(items) for _ in it["texts"]]
         tok = self._tokenize(texts)
@@ -399,7 +450,7 @@ class WebAudioDataset(IterableDataset):
             batch["mel_fusion"] = torch.stack([it["mel_fusion"] for it in items])
             batch["longer"] = torch.tensor([it["longer"] for it in items])
         else:
-            batch["waveform"] = torch.stack([it["waveform"] for it in items])
+            batch["waveform"] = stack_waveforms([it["waveform"] for it in items])
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -410,6 +461,8 @@ class WebAudioDataset(IterableDataset):
         buffer: list[tuple[str, str, dict[str, bytes]]] = []
         pending: list[dict[str, Any]] = []
         t0 = time.perf_counter()
+        # DataLoader workers take batch slots in turn: this worker's share of the skipped ones
+        probe_left = len(range(worker, self.resume_batches, num_workers)) * self.batch_size
 
         def emit_ready() -> Iterator[dict[str, Any]]:
             nonlocal t0
@@ -422,7 +475,12 @@ class WebAudioDataset(IterableDataset):
                 t0 = time.perf_counter()
 
         def decode(url: str, key: str, group: dict[str, bytes]) -> None:
-            item = decode_sample(key, group, self.spec, rng, url, stats)
+            nonlocal probe_left
+            if probe_left:
+                item = probe_sample(key, group, self.spec, rng, url, stats)
+                probe_left -= item is not None
+            else:
+                item = decode_sample(key, group, self.spec, rng, url, stats)
             if item is not None:
                 stats.clips += 1
                 pending.append(item)
@@ -453,14 +511,17 @@ class WebAudioDataset(IterableDataset):
         yield {"stats": stats.take(), "final": True, "worker": worker, "dropped": dropped}
 
 
-def make_loader(dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2) -> DataLoader:
+def make_loader(
+    dataset: WebAudioDataset, workers: int, prefetch_factor: int = 2, pin_memory: bool = False
+) -> DataLoader:
     """A DataLoader that passes the dataset's ready-made batches through unchanged.
 
     Its own generator keeps the global torch RNG untouched (resumed runs replay it exactly).
+    ``pin_memory`` (on a CUDA host) pins each batch so ``to(device, non_blocking=True)`` is async.
     """
     kw: dict[str, Any] = {
         "generator": torch.Generator().manual_seed(_mix(dataset.seed, dataset.epoch))
     }
     if workers > 0:
         kw.update(prefetch_factor=prefetch_factor, persistent_workers=False)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=False, **kw)
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw)

@@ -54,6 +54,7 @@ def test_tars(urls: list[str], batch_size: int = 1) -> SkipStats:
             n += decode_sample(key, group, spec, rng, url, stats) is not None
         stats.clips += n
         log.info("%s: %d good samples", url, n)
+        stats.clips += n
     return stats
 
 

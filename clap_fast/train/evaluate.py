@@ -23,6 +23,7 @@ from torch import nn
 
 from clap_fast import metrics
 from clap_fast.data import DecodeSpec, WebAudioDataset, make_loader, split_exists, split_urls
+from clap_fast.pcm import to_float
 from clap_fast.train.dist import Dist, agree, all_gather_object
 from clap_fast.train.params import TrainConfig
 
@@ -33,7 +34,10 @@ log = logging.getLogger("clap_fast.train")
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     keys = ("waveform", "mel_fusion", "longer", "input_ids", "attention_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+    x = {k: batch[k].to(device, non_blocking=True) for k in keys if k in batch}
+    if "waveform" in x and x["waveform"].dtype == torch.int16:  # PCM shards: 2 bytes/sample moved
+        x["waveform"] = to_float(x["waveform"])
+    return x
 
 
 def forward(model: nn.Module, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -316,11 +316,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     for epoch in range(start_epoch, cfg.epochs):
         if done:
             break
-        dataset.set_epoch(epoch)
+        dataset.set_epoch(epoch, resume_batches=skip_batches)  # skipped without decoding
         stats = SkipStats()
         batches_in_epoch = 0
         meter.start_epoch()
-        it = iter(make_loader(dataset, cfg.workers, cfg.prefetch_factor))
+        pin = d.device.type == "cuda"
+        it = iter(make_loader(dataset, cfg.workers, cfg.prefetch_factor, pin_memory=pin))
         bar = None
         if d.main:
             from tqdm.auto import tqdm
