@@ -69,8 +69,13 @@ class InferenceMixin:
         normalize: bool = True,
         progress: bool = False,
         autocast: torch.dtype | None = None,
+        channels: str | None = None,
     ) -> torch.Tensor:
         """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
+
+        A 1-D array is one clip. Multi-channel audio needs ``channels="last"`` ((T, C) clips as
+        ``soundfile.read`` returns them, or (B, T, C)) or ``"first"`` ((C, T), (B, C, T)); it is
+        downmixed by mean. Without it a (T, C) array is refused (see ``audio.as_waveform_list``).
 
         Args:
             sample_rate: rate of the input; other rates than the model's are resampled.
@@ -85,7 +90,9 @@ class InferenceMixin:
         batch_size = validate.check_positive_int(batch_size, "batch_size")
         validate.check_not_paths(waveforms)
         cfg = self.cfg.audio
-        clips = [resample(c, sample_rate, cfg.sample_rate) for c in as_waveform_list(waveforms)]
+        clips = [
+            resample(c, sample_rate, cfg.sample_rate) for c in as_waveform_list(waveforms, channels)
+        ]
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
         amp = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)

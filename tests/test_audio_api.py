@@ -138,7 +138,8 @@ def test_resampling_and_int16_input(model):
         (torch.zeros(1, 0), "empty"),
         ([np.zeros(0, dtype=np.float32)], "empty"),
         (torch.zeros(2, 3, 100), "batch, samples"),
-        (torch.zeros(100), "batch, samples"),
+        (torch.zeros(48000, 2), "channels='last'"),
+        (np.zeros((3, 48000, 2), np.float32), "channels="),
         (torch.zeros(1, 100, dtype=torch.int32), "dtype"),
         ([], "empty batch"),
         ("a.wav", "array"),
@@ -212,3 +213,29 @@ def test_bf16_autocast_embedding_is_close_and_front_end_stays_fp32(model):
     b = model.embed_audio(x, autocast=torch.bfloat16)
     assert b.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+
+
+def test_input_rules_one_clip_channels_and_strings(model):
+    """A 1-D clip is one clip; (T, C) needs channels= and then equals the downmix; strings and
+    lists of strings are refused (a file name is not iterated character by character)."""
+    x = signals(2, 48000)
+    one = model.embed_audio(x[0])
+    assert one.shape == (1, 512)
+    torch.testing.assert_close(one, model.embed_audio(x[:1]))
+    stereo_tc = torch.stack([x[0], x[1]], dim=1).numpy()  # (T, 2) as soundfile.read gives it
+    with pytest.raises(ValueError, match="channels='last'"):
+        model.embed_audio(stereo_tc)
+    mono = model.embed_audio(((x[0] + x[1]) / 2)[None])
+    torch.testing.assert_close(model.embed_audio(stereo_tc, channels="last"), mono)
+    torch.testing.assert_close(model.embed_audio(stereo_tc.T, channels="first"), mono)
+    batch = model.embed_audio(np.stack([stereo_tc, stereo_tc]), channels="last")
+    torch.testing.assert_close(batch, mono.expand(2, -1))
+    torch.testing.assert_close(model.embed_audio([stereo_tc], channels="last"), mono)
+    with pytest.raises(ValueError, match="channels must be"):
+        model.embed_audio(stereo_tc, channels="left")
+    with pytest.raises(ValueError, match="single path"):
+        model.embed_audio_files("dog.wav")
+    with pytest.raises(ValueError, match="path"):
+        model.embed_audio(["dog.wav", "cat.wav"])
+    with pytest.raises(ValueError, match="single string"):
+        model.zero_shot(one, "dog")

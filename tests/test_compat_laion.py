@@ -116,3 +116,24 @@ def test_refusals():
         shim.CLAP_Module.get_audio_embedding_from_filelist(m, "dog.wav")
     with pytest.raises(ValueError, match="embed_audio_files|path"):
         shim.CLAP_Module.get_audio_embedding_from_data(m, ["dog.wav"])
+
+
+def test_fusion_matches_laion_clap(tmp_path):
+    """Fusion: short clips (4 copies of the mel) and long ones (laion_clap's random views)."""
+    torch.manual_seed(1)
+    ours = shim.CLAP_Module(enable_fusion=True, device="cpu", text_overrides=TEXT)
+    randomize_bn(ours.model, seed=1)
+    path = tmp_path / "fusion.pt"
+    save_laion_checkpoint(ours.model, path)
+    ref = laion_module(ours.model.text_branch.config, enable_fusion=True)
+    ref.load_ckpt(str(path), verbose=False)
+    ours.load_ckpt(str(path))
+    x = [signals(1, 700_000, seed=4)[0].numpy(), signals(2, 300_000, seed=5)[1].numpy()]
+    np.random.seed(7)
+    a = ours.get_audio_embedding_from_data(np.stack([x[0], x[0]]))
+    np.random.seed(7)
+    b = ref.get_audio_embedding_from_data(np.stack([x[0], x[0]]))
+    assert _close(a, b) >= 0.99999
+    assert not np.allclose(a[0], a[1], atol=1e-4)  # two different random view sets were drawn
+    assert _close(ours.get_audio_embedding_from_data(x[1]),
+                  ref.get_audio_embedding_from_data(x[1][None])) >= 0.99999  # fmt: skip
