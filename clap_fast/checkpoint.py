@@ -405,6 +405,11 @@ def load_pretrained(
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path).removesuffix(".pt") in RELEASED:
         path = _resolve_released(str(name_or_path))
+    elif not path.exists():
+        from clap_fast import hf_format
+
+        if hf_format.is_hub_id(str(name_or_path)):  # e.g. laion/clap-htsat-unfused
+            path = hf_format.resolve_hub_id(str(name_or_path))
     sd, info = read_state_dict(path)
     cfg = (
         CLAPConfig.from_dict(info["config"]) if info.get("format") == "ours" else detect_config(sd)
