@@ -108,7 +108,12 @@ def _load_model(args: argparse.Namespace):
     import clap_fast
 
     if args.checkpoint:
-        return clap_fast.CLAP.from_pretrained(args.checkpoint, device=args.device)
+        from clap_fast.checkpoint import CheckpointError
+
+        try:
+            return clap_fast.CLAP.from_pretrained(args.checkpoint, device=args.device)
+        except CheckpointError as exc:  # one line (e.g. offline: the file to fetch), no traceback
+            raise SystemExit(f"error: {exc}") from None
     log.warning(
         "no --checkpoint: using %s with RANDOM weights (for testing the pipeline only)", args.model
     )

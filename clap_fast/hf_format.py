@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["is_hub_id", "resolve_hub_id", "hf_config", "to_hf_state_dict", "save_hf"]
+__all__ = [
+    "is_hub_id",
+    "resolve_hub_id",
+    "resolve_hub_file",
+    "hf_config",
+    "to_hf_state_dict",
+    "save_hf",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,31 @@ def resolve_hub_id(repo_id: str) -> Path:
     if not any((path / w).exists() for w in _WEIGHTS):
         raise CheckpointError(f"{repo_id} has no {' or '.join(_WEIGHTS)}: not a ClapModel repo")
     return path
+
+
+def resolve_hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo: the cache first; offline and not cached, one line, no network."""
+    from huggingface_hub import hf_hub_download
+
+    from clap_fast.checkpoint import CheckpointError
+
+    fetch = f"huggingface-cli download {repo_id} {filename}"
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    if _offline():
+        raise CheckpointError(
+            f"{filename} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; fetch it "
+            f"where there is network ({fetch}) or pass the file's path"
+        )
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception as exc:  # noqa: BLE001 - one line, whatever went wrong
+        raise CheckpointError(
+            f"could not fetch {filename} from the Hugging Face repo {repo_id} "
+            f"({type(exc).__name__}); fetch it by hand ({fetch}) and pass its path"
+        ) from None
 
 
 def hf_config(model):

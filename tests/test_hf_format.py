@@ -100,3 +100,36 @@ def test_hf_format_refuses_other_towers(tmp_path):
         m.save_pretrained(tmp_path / "x", format="hf")
     with pytest.raises(ValueError, match="format"):
         m.save_pretrained(tmp_path / "x", format="onnx")
+
+
+def test_released_name_offline_is_one_line_without_network(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from clap_fast.cli import main
+
+    real = huggingface_hub.hf_hub_download
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("local_files_only", False))
+        if not kwargs.get("local_files_only"):
+            pytest.fail("a network download was attempted while offline")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as err:
+        clap_fast.CLAP.from_pretrained("630k-audioset-best")
+    msg = str(err.value)
+    assert (
+        "\n" not in msg
+        and "huggingface-cli download lukewys/laion_clap 630k-audioset-best.pt" in msg
+    )
+    assert calls == [True]
+    (tmp_path / "a.wav").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(tmp_path / "a.wav"), "--out", str(tmp_path / "e.npy"),
+              "--checkpoint", "630k-audioset-best"])  # fmt: skip
+    assert "HF_HUB_OFFLINE" in str(e.value) and "\n" not in str(e.value)
