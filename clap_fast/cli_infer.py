@@ -80,10 +80,42 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument(
+        "--long-audio",
+        choices=("sliding", "first", "rand_trunc"),
+        help="clips over 10 s: sliding windows (default), the first 10 s, or LAION's random crop; "
+        "fusion checkpoints always use fusion",
+    )
+    g.add_argument(
+        "--precision",
+        choices=tuple(_PRECISIONS),
+        default="fp32",
+        help="fp32 (default, LAION's numbers) or bf16 / fp16 autocast for the towers",
+    )
+    g.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    g.add_argument(
         "--allow-failures",
         action="store_true",
         help="exit 0 even when files or rows were dropped (they are still listed)",
     )
+
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _audio_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """embed_audio_files keyword arguments from --workers / --long-audio / --precision."""
+    from clap_fast import validate
+
+    return {
+        "num_workers": _check(parser, validate.check_positive_int, args.workers, "--workers"),
+        "long_audio": args.long_audio,
+        "autocast": _PRECISIONS[args.precision],
+    }
+
+
+def _check_long_audio(parser: argparse.ArgumentParser, model, args: argparse.Namespace) -> None:
+    if args.long_audio and model.cfg.enable_fusion:
+        parser.error(f"--long-audio {args.long_audio}: this is a fusion checkpoint (fusion only)")
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
@@ -137,10 +169,14 @@ def embed_main(argv: list[str]) -> int:
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out.suffix == ".parquet":
         _check(parser, _need_pyarrow)
+    kwargs = _audio_kwargs(parser, args)
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
+    _check_long_audio(parser, model, args)
     try:
-        emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+        emb = model.embed_audio_files(
+            files, batch_size=args.batch_size, strict=args.strict, **kwargs
+        )
     except ValueError as exc:  # --strict: the first undecodable file stops the run, by name
         sys.stderr.write(f"clap-fast embed: error: {exc}\n")
         return 1
@@ -207,9 +243,11 @@ def zero_shot_main(argv: list[str]) -> int:
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out is not None:
         _check(parser, validate.check_output_file, args.out, (".json",))
+    kwargs = _audio_kwargs(parser, args)
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size)
+    _check_long_audio(parser, model, args)
+    emb = model.embed_audio_files(files, batch_size=args.batch_size, **kwargs)
     ok = torch.isfinite(emb).all(dim=1)
     probs = model.zero_shot(emb[ok], args.labels, template=args.template)
     kept = [str(f) for f, good in zip(files, ok.tolist()) if good]

@@ -133,3 +133,23 @@ def test_zero_shot_labels_file(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["zero-shot", str(root / "audio"), "--labels-file", str(tmp_path / "no.json")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_embed_long_audio_precision_workers_flags(setup, tmp_path, capsys):
+    root = setup
+    long = tmp_path / "long.wav"
+    sf.write(long, signals(1, 48000 * 13, seed=9).numpy()[0], 48000)
+    out = tmp_path / "l.npy"
+    assert main(["embed", str(long), "--checkpoint", str(root / "a"), "--out", str(out),
+                 "--long-audio", "first", "--precision", "bf16", "--workers", "1"]) == 0  # fmt: skip
+    from clap_fast import CLAP
+
+    model = CLAP.from_pretrained(root / "a")
+    want = model.embed_audio_files([long], long_audio="first", autocast=torch.bfloat16,
+                                   progress=False)  # fmt: skip
+    np.testing.assert_allclose(np.load(out), want.numpy(), atol=1e-6)
+    sliding = model.embed_audio_files([long], progress=False)
+    assert not np.allclose(np.load(out), sliding.numpy(), atol=1e-3)  # the flag took effect
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(long), "--out", str(out), "--workers", "0"])
+    assert e.value.code == 2 and "--workers" in capsys.readouterr().err
