@@ -178,9 +178,14 @@ class InferenceMixin:
                 return exc
 
         bar = tqdm(total=len(paths), desc="embed files", unit="file", disable=not progress)
+        chunks = list(_chunks(len(paths), batch_size))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for idx in _chunks(len(paths), batch_size):
-                decoded = list(pool.map(decode, [paths[i] for i in idx]))
+            pending = [pool.submit(decode, paths[i]) for i in chunks[0]]
+            for n, idx in enumerate(chunks):
+                decoded = [f.result() for f in pending]
+                # the next batch decodes in the threads while this one is embedded
+                nxt = chunks[n + 1] if n + 1 < len(chunks) else ()
+                pending = [pool.submit(decode, paths[i]) for i in nxt]
                 ok = [i for i, d in zip(idx, decoded) if isinstance(d, torch.Tensor)]
                 for i, d in zip(idx, decoded):
                     if not isinstance(d, torch.Tensor):

@@ -239,3 +239,28 @@ def test_input_rules_one_clip_channels_and_strings(model):
         model.embed_audio(["dog.wav", "cat.wav"])
     with pytest.raises(ValueError, match="single string"):
         model.zero_shot(one, "dog")
+
+
+def test_file_decoding_overlaps_compute(model, monkeypatch):
+    """While batch 0 is embedded, batch 1 is already being decoded (threads)."""
+    import threading
+
+    import clap_fast.api as api
+
+    started: dict[str, threading.Event] = {p: threading.Event() for p in "abcd"}
+    seen = []
+
+    def fake_load(path, sr):
+        started[path].set()
+        return torch.full((4800,), 0.1 * (ord(path) - 96))
+
+    real = type(model).embed_audio
+
+    def spy(self, clips, *args, **kwargs):
+        seen.append(started["c"].wait(timeout=30))  # batch 1's first file, while batch 0 embeds
+        return real(self, clips, *args, **kwargs)
+
+    monkeypatch.setattr(api, "load_audio", fake_load)
+    monkeypatch.setattr(type(model), "embed_audio", spy)
+    out = model.embed_audio_files(list("abcd"), batch_size=2, num_workers=2, progress=False)
+    assert seen[0] is True and out.shape == (4, 512) and bool(torch.isfinite(out).all())
