@@ -77,12 +77,17 @@ class InferenceMixin:
         progress: bool = False,
         autocast: torch.dtype | None = None,
         channels: str | None = None,
+        frames: bool = False,
     ) -> torch.Tensor:
         """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
 
         A 1-D array is one clip. Multi-channel audio needs ``channels="last"`` ((T, C) clips as
         ``soundfile.read`` returns them, or (B, T, C)) or ``"first"`` ((C, T), (B, C, T)); it is
         downmixed by mean. Without it a (T, C) array is refused (see ``audio.as_waveform_list``).
+
+        ``frames=True`` returns, instead, a list with one ``clap_fast.frames.Frames`` per clip:
+        LAION's fine-grained HTS-AT frames (0.3125 s steps) projected into the joint space, with
+        start times (approximate for text alignment; see ``clap_fast.frames``).
 
         Args:
             sample_rate: rate of the input; other rates than the model's are resampled.
@@ -93,6 +98,12 @@ class InferenceMixin:
             autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
                 fp32); None (default) computes in fp32 like LAION.
         """
+        if frames:
+            from clap_fast.frames import embed_frames
+
+            return embed_frames(
+                self, waveforms, sample_rate, normalize=normalize, channels=channels
+            )
         sample_rate = validate.check_sample_rate(sample_rate)
         batch_size = validate.check_positive_int(batch_size, "batch_size")
         validate.check_not_paths(waveforms)

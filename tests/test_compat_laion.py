@@ -137,3 +137,27 @@ def test_fusion_matches_laion_clap(tmp_path):
     assert not np.allclose(a[0], a[1], atol=1e-4)  # two different random view sets were drawn
     assert _close(ours.get_audio_embedding_from_data(x[1]),
                   ref.get_audio_embedding_from_data(x[1][None])) >= 0.99999  # fmt: skip
+
+
+def test_frames_match_laion_fine_grained_embedding(pair):
+    """clap_fast.frames equals LAION HTS-AT's fine_grained_embedding (1024 frames of 10 s)."""
+    from clap_fast.frames import embed_frames
+
+    ours, ref = pair
+    x = signals(2, 480_000, seed=11).numpy()
+    q = torch.from_numpy(np.stack([shim._int16_round_trip_np(c) for c in x]))
+    ref.model.eval()  # laion_clap's get_* calls do this; the branch is called directly here
+    with torch.no_grad():
+        want = ref.model.audio_branch(
+            {"waveform": q, "longer": torch.tensor([False, False])}, device="cpu"
+        )["fine_grained_embedding"]
+    got = embed_frames(ours.model, x, project=False, normalize=False, upsample=True)
+    assert want.shape == (2, 1024, got[0].embeddings.shape[1])
+    for i in range(2):
+        np.testing.assert_allclose(got[i].embeddings.numpy(), want[i].numpy(), atol=2e-4)
+    assert float(got[0].times[1]) == pytest.approx(10 / 1024)
+    short = ours.model.embed_audio(x[0][:96_000], frames=True)[
+        0
+    ]  # 2 s: 7 frames of 0.3125 s start in it
+    assert short.embeddings.shape == (7, 512) and float(short.times[-1]) < 2.0
+    torch.testing.assert_close(short.embeddings.norm(dim=-1), torch.ones(7))
