@@ -50,8 +50,18 @@ class InferenceMixin:
         normalize: bool = True,
         progress: bool = False,
         autocast: torch.dtype | None = None,
+        channels: str | None = None,
+        frames: bool = False,
     ) -> torch.Tensor:
         """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
+
+        A 1-D array is one clip. Multi-channel audio needs ``channels="last"`` ((T, C) clips as
+        ``soundfile.read`` returns them, or (B, T, C)) or ``"first"`` ((C, T), (B, C, T)); it is
+        downmixed by mean. Without it a (T, C) array is refused (see ``audio.as_waveform_list``).
+
+        ``frames=True`` returns, instead, a list with one ``clap_fast.frames.Frames`` per clip:
+        LAION's fine-grained HTS-AT frames (0.3125 s steps) projected into the joint space, with
+        start times (approximate for text alignment; see ``clap_fast.frames``).
 
         Args:
             sample_rate: rate of the input; other rates than the model's are resampled.
@@ -62,11 +72,19 @@ class InferenceMixin:
             autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
                 fp32); None (default) computes in fp32 like LAION.
         """
+        if frames:
+            from clap_fast.frames import embed_frames
+
+            return embed_frames(
+                self, waveforms, sample_rate, normalize=normalize, channels=channels
+            )
         sample_rate = validate.check_sample_rate(sample_rate)
         batch_size = validate.check_positive_int(batch_size, "batch_size")
         validate.check_not_paths(waveforms)
         cfg = self.cfg.audio
-        clips = [resample(c, sample_rate, cfg.sample_rate) for c in as_waveform_list(waveforms)]
+        clips = [
+            resample(c, sample_rate, cfg.sample_rate) for c in as_waveform_list(waveforms, channels)
+        ]
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
         amp = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
@@ -145,9 +163,14 @@ class InferenceMixin:
                 return exc
 
         bar = tqdm(total=len(paths), desc="embed files", unit="file", disable=not progress)
+        chunks = list(_chunks(len(paths), batch_size))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for idx in _chunks(len(paths), batch_size):
-                decoded = list(pool.map(decode, [paths[i] for i in idx]))
+            pending = [pool.submit(decode, paths[i]) for i in chunks[0]]
+            for n, idx in enumerate(chunks):
+                decoded = [f.result() for f in pending]
+                # the next batch decodes in the threads while this one is embedded
+                nxt = chunks[n + 1] if n + 1 < len(chunks) else ()
+                pending = [pool.submit(decode, paths[i]) for i in nxt]
                 ok = [i for i, d in zip(idx, decoded) if isinstance(d, torch.Tensor)]
                 for i, d in zip(idx, decoded):
                     if not isinstance(d, torch.Tensor):

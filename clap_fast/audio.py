@@ -53,6 +53,7 @@ from clap_fast.frontend import fusion_views, htk_mel_fb
 __all__ = [
     "FILL_POLICIES",
     "LONG_POLICIES",
+    "CHANNEL_LAYOUTS",
     "as_waveform_list",
     "int16_round_trip",
     "fill",
@@ -78,19 +79,65 @@ FILL_POLICIES: tuple[str, ...] = get_args(Filling)
 LONG_POLICIES: tuple[str, ...] = get_args(LongAudio)
 
 
+CHANNEL_LAYOUTS = ("first", "last")
+_MAX_CHANNELS = 16  # a (batch, samples) array never has this few samples per clip
+
+
+def _downmix(x: torch.Tensor | np.ndarray, channels: str, what: str):
+    """Mean over the channel axis of a multi-channel clip (or a batch of them)."""
+    if channels not in CHANNEL_LAYOUTS:
+        raise ValueError(f"channels must be one of {CHANNEL_LAYOUTS} or None, got {channels!r}")
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dtype == torch.int16:
+        t = t.float() / 32767.0
+    if not t.is_floating_point():
+        raise ValueError(f"{what} has dtype {t.dtype}; expected float samples or int16 PCM")
+    return t.float().mean(dim=-2 if channels == "first" else -1)
+
+
 def as_waveform_list(
     waveforms: torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray],
+    channels: str | None = None,
 ) -> list[torch.Tensor]:
     """Validate user input and return a list of 1-D float32 CPU tensors.
 
-    Accepts a (B, T) tensor / array or a sequence of 1-D tensors / arrays; float dtypes, or
-    int16 PCM (read as x / 32767). Raises ValueError naming the problem otherwise.
+    Input rules (float dtypes, or int16 PCM read as x / 32767):
+      * a 1-D array / tensor is one clip;
+      * a (B, T) array / tensor, or a sequence of 1-D clips, is a batch;
+      * multi-channel audio needs ``channels=``: "last" for (T, C) clips as ``soundfile.read``
+        returns them ((B, T, C) batches), "first" for (C, T) ((B, C, T)); it is downmixed by
+        mean. Without it, a 2-D array with at most 16 columns and more rows than columns looks
+        like (T, C) and is refused, and 3-D input is refused;
+      * a string or path is refused (files go to ``embed_audio_files``).
+    Raises ValueError naming the problem otherwise.
     """
     if isinstance(waveforms, (torch.Tensor, np.ndarray)):
+        if channels is not None:
+            if waveforms.ndim not in (2, 3):
+                raise ValueError(
+                    f"channels={channels!r} needs a multi-channel clip (2-D) or a batch of them "
+                    f"(3-D), got shape {tuple(waveforms.shape)}"
+                )
+            waveforms = _downmix(waveforms, channels, "waveforms")
+            if waveforms.ndim == 1:
+                waveforms = waveforms[None]
+        elif waveforms.ndim == 1:
+            waveforms = waveforms[None]  # one clip
+        elif (
+            waveforms.ndim == 2
+            and waveforms.shape[0] > waveforms.shape[1]
+            and (0 < waveforms.shape[1] <= _MAX_CHANNELS)
+        ):
+            t, c = waveforms.shape
+            raise ValueError(
+                f"waveforms of shape ({t}, {c}) look like one clip of {t} samples in {c} channels "
+                f"(as soundfile.read returns it), not {t} clips of {c} samples; pass "
+                "channels='last' to downmix it, or give (batch, samples)"
+            )
         if waveforms.ndim != 2:
             raise ValueError(
                 f"waveforms must be a (batch, samples) array, got shape {tuple(waveforms.shape)}; "
-                "wrap a single clip as x[None] or [x]"
+                "multi-channel audio needs channels='first' or 'last'"
             )
         items = list(waveforms)
     elif isinstance(waveforms, Sequence) and not isinstance(waveforms, (str, bytes)):
@@ -103,6 +150,10 @@ def as_waveform_list(
         raise ValueError("no waveforms given (empty batch)")
     out = []
     for i, x in enumerate(items):
+        if isinstance(x, (str, bytes)):
+            raise ValueError(f"waveform {i} is a string ({x!r}); files go to embed_audio_files")
+        if channels is not None and np.ndim(x) == 2:
+            x = _downmix(x, channels, f"waveform {i}")
         t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).detach()
         if t.ndim != 1:
             raise ValueError(f"waveform {i} must be 1-D (mono samples), got shape {tuple(t.shape)}")

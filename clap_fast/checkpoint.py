@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from clap_fast.config import CLAPConfig, HTSATConfig, get_config
+from clap_fast.errors import CheckpointError
 
 if TYPE_CHECKING:
     from clap_fast.model import CLAP
@@ -61,15 +62,26 @@ RELEASED = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model (the message says why)."""
+def _numpy_scalar():
+    """``multiarray.scalar`` by module import, not attribute access: under numpy 1.26 a
+    ``numpy._core`` stub can exist (e.g. after transformers touched it) without ``multiarray``."""
+    import importlib
+    import warnings
+
+    for name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return importlib.import_module(name).scalar
+        except (ImportError, AttributeError):
+            continue
+    raise CheckpointError(f"numpy {np.__version__}: no multiarray.scalar found")
 
 
 def _numpy_globals() -> list:
     import numpy.dtypes as npd
 
-    core = np._core if hasattr(np, "_core") else np.core
-    scalar = core.multiarray.scalar
+    scalar = _numpy_scalar()
     allowed = [
         scalar,
         np.dtype,
@@ -238,6 +250,19 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 # ------------------------------------------------------------ architecture detection
+def _builtin_htsat(embed_dim: int, depths: list[int], heads: list[int], window: int) -> str | None:
+    """The built-in HTSAT architecture with exactly these sizes, if any."""
+    from clap_fast.config import list_models
+
+    for name in list_models():
+        h = get_config(name).audio.htsat
+        if h is not None and (h.embed_dim, list(h.depths), list(h.num_heads), h.window_size) == (
+            embed_dim, list(depths), list(heads), window
+        ):  # fmt: skip
+            return name
+    return None
+
+
 def detect_config(sd: Mapping[str, torch.Tensor]) -> CLAPConfig:
     """The CLAPConfig that fits a LAION-layout state dict (no prefix)."""
     if "audio_branch.patch_embed.proj.weight" in sd:
@@ -266,12 +291,14 @@ def detect_config(sd: Mapping[str, torch.Tensor]) -> CLAPConfig:
             + 1
         ) // 2
         names = {96: "tiny", 128: "base", 256: "large"}
-        base = f"HTSAT-{names.get(c, 'tiny')}"
+        builtin = _builtin_htsat(c, depths, heads, window)  # e.g. HTSAT-mini keeps its name
+        base = builtin or f"HTSAT-{names.get(c, 'tiny')}"
         cfg = get_config(base)
         cfg.audio.htsat = HTSATConfig(
             embed_dim=c, depths=depths, num_heads=heads, window_size=window
         )
-        cfg.audio.model_name = names.get(c, f"custom-{c}")
+        if builtin is None:
+            cfg.audio.model_name = names.get(c, f"custom-{c}")
         cfg.enable_fusion = "audio_branch.patch_embed.mel_conv2d.weight" in sd
     elif "audio_branch.conv_block1.conv1.weight" in sd:
         if "audio_branch.conv_block6.conv1.weight" in sd:
@@ -419,15 +446,9 @@ HF_FILLED = (
 
 def _resolve_released(name: str) -> Path:
     fname = RELEASED[name.removesuffix(".pt")]
-    try:
-        from huggingface_hub import hf_hub_download
+    from clap_fast.hf_format import resolve_hub_file
 
-        return Path(hf_hub_download(HF_REPO, fname))
-    except Exception as exc:
-        raise CheckpointError(
-            f"could not fetch the released checkpoint {fname!r} from the Hugging Face repo {HF_REPO} "
-            f"({type(exc).__name__}). Offline? Download {fname} from that repo by hand and pass its path."
-        ) from exc
+    return resolve_hub_file(HF_REPO, fname)  # cache first; offline: one line, no retries
 
 
 def read_checkpoint(
@@ -438,6 +459,11 @@ def read_checkpoint(
     path = Path(name_or_path)
     if not path.exists() and str(name_or_path).removesuffix(".pt") in RELEASED:
         path = _resolve_released(str(name_or_path))
+    elif not path.exists():
+        from clap_fast import hf_format
+
+        if hf_format.is_hub_id(str(name_or_path)):  # e.g. laion/clap-htsat-unfused
+            path = hf_format.resolve_hub_id(str(name_or_path))
     sd, info = read_state_dict(path)
     cfg = (
         CLAPConfig.from_dict(info["config"]) if info.get("format") == "ours" else detect_config(sd)

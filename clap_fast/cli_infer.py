@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -81,10 +80,52 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument(
+        "--long-audio",
+        choices=("sliding", "first", "rand_trunc"),
+        help="clips over 10 s: sliding windows (default), the first 10 s, or LAION's random crop; "
+        "fusion checkpoints always use fusion",
+    )
+    g.add_argument(
+        "--precision",
+        choices=tuple(_PRECISIONS),
+        default="fp32",
+        help="fp32 (default, LAION's numbers) or bf16 / fp16 autocast for the towers",
+    )
+    g.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    g.add_argument(
         "--allow-failures",
         action="store_true",
         help="exit 0 even when files or rows were dropped (they are still listed)",
     )
+
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _audio_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """embed_audio_files keyword arguments from --workers / --long-audio / --precision."""
+    from clap_fast import validate
+
+    return {
+        "num_workers": _check(parser, validate.check_positive_int, args.workers, "--workers"),
+        "long_audio": args.long_audio,
+        "autocast": _PRECISIONS[args.precision],
+    }
+
+
+def _check_long_audio(parser: argparse.ArgumentParser, model, args: argparse.Namespace) -> None:
+    if args.long_audio and model.cfg.enable_fusion:
+        parser.error(f"--long-audio {args.long_audio}: this is a fusion checkpoint (fusion only)")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    """--device names a device that exists here (one line, before any file is read)."""
+    from clap_fast import ops
+
+    try:
+        ops.resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--device: {exc}")
 
 
 def _check(parser: argparse.ArgumentParser, fn, *args):
@@ -99,27 +140,16 @@ def _load_model(args: argparse.Namespace):
     import clap_fast
 
     if args.checkpoint:
-        return clap_fast.CLAP.from_pretrained(args.checkpoint, device=args.device)
+        from clap_fast.checkpoint import CheckpointError
+
+        try:
+            return clap_fast.CLAP.from_pretrained(args.checkpoint, device=args.device)
+        except CheckpointError as exc:  # one line (e.g. offline: the file to fetch), no traceback
+            raise SystemExit(f"error: {exc}") from None
     log.warning(
         "no --checkpoint: using %s with RANDOM weights (for testing the pipeline only)", args.model
     )
     return clap_fast.create_model(args.model, text=args.text, device=args.device)
-
-
-def _write_embeddings(out: Path, names: list[str], emb: np.ndarray) -> None:
-    if out.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        table = pa.table(
-            {"path": names, "embedding": pa.array(list(emb), type=pa.list_(pa.float32()))}
-        )
-        pq.write_table(table, out)
-    elif out.suffix == ".npy":
-        np.save(out, emb)
-        out.with_suffix(".paths.txt").write_text("\n".join(names) + "\n")
-    else:
-        raise SystemExit(f"error: --out must end in .npy or .parquet, got {out}")
 
 
 def embed_main(argv: list[str]) -> int:
@@ -135,19 +165,26 @@ def embed_main(argv: list[str]) -> int:
     from clap_fast import validate
 
     _check(parser, validate.check_output_file, args.out, (".npy", ".parquet"))
+    _check_device(parser, args.device)
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out.suffix == ".parquet":
         _check(parser, _need_pyarrow)
+    kwargs = _audio_kwargs(parser, args)
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
+    _check_long_audio(parser, model, args)
     try:
-        emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+        emb = model.embed_audio_files(
+            files, batch_size=args.batch_size, strict=args.strict, **kwargs
+        )
     except ValueError as exc:  # --strict: the first undecodable file stops the run, by name
         sys.stderr.write(f"clap-fast embed: error: {exc}\n")
         return 1
     ok = torch.isfinite(emb).all(dim=1)
     names = [str(f) for f, good in zip(files, ok.tolist()) if good]
-    _write_embeddings(args.out, names, emb[ok].numpy())
+    from clap_fast.embed_files import model_identity, write_embeddings
+
+    write_embeddings(args.out, names, emb[ok].numpy(), model_identity(model, args.checkpoint))
     dropped = {**skipped, **model.last_failures}
     for f, good in zip(files, ok.tolist()):
         if not good and str(f) not in dropped:  # decoded, but the model gave NaN / inf
@@ -184,21 +221,33 @@ def zero_shot_main(argv: list[str]) -> int:
         prog="clap-fast zero-shot", description="zero-shot audio classification"
     )
     parser.add_argument("source", help="a folder, an audio file, or a text file listing paths")
-    parser.add_argument("--labels", nargs="+", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--labels", nargs="+", help="class names")
+    which.add_argument(
+        "--labels-file",
+        help="JSON list, AudioSet class_labels_indices .csv / .json, or one label per line",
+    )
     parser.add_argument("--template", default="This is a sound of {}.")
     parser.add_argument("--out", type=Path, help="optional .json with every file's probabilities")
     _model_args(parser)
     args = parser.parse_args(argv)
     from clap_fast import validate
 
+    if args.labels_file is not None:
+        from clap_fast.embed_files import read_labels_file
+
+        args.labels = _check(parser, read_labels_file, args.labels_file)
     _check(parser, validate.check_labels, args.labels)
+    _check_device(parser, args.device)
     _check(parser, validate.check_template, args.template)
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out is not None:
         _check(parser, validate.check_output_file, args.out, (".json",))
+    kwargs = _audio_kwargs(parser, args)
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size)
+    _check_long_audio(parser, model, args)
+    emb = model.embed_audio_files(files, batch_size=args.batch_size, **kwargs)
     ok = torch.isfinite(emb).all(dim=1)
     probs = model.zero_shot(emb[ok], args.labels, template=args.template)
     kept = [str(f) for f, good in zip(files, ok.tolist()) if good]
@@ -224,66 +273,49 @@ def search_main(argv: list[str]) -> int:
     """Rank stored audio embeddings (.npy + .paths.txt, or .parquet) against a text query."""
     parser = argparse.ArgumentParser(prog="clap-fast search", description="text-to-audio search")
     parser.add_argument("embeddings", type=Path, help="output of `clap-fast embed`")
-    parser.add_argument("--query", required=True)
+    parser.add_argument("--query", required=True, nargs="+", help="one or more text queries")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="rank even when the file records another model than --checkpoint",
+    )
     _model_args(parser)
     args = parser.parse_args(argv)
     from clap_fast import validate
 
     _check(parser, validate.check_positive_int, args.top, "--top")
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
-    if not args.query.strip():
+    if not all(q.strip() for q in args.query):
         parser.error("--query is empty")
-    names, emb = _check(parser, _read_embeddings, args.embeddings)
+    if not args.checkpoint:
+        parser.error("search needs --checkpoint: the model that made the embeddings")
+    _check_device(parser, args.device)
+    from clap_fast.embed_files import identity_mismatch, model_identity, read_embeddings
+
+    names, emb, stored = _check(parser, read_embeddings, args.embeddings)
     model = _load_model(args)
     if emb.shape[1] != model.cfg.joint_embed_shape:
         parser.error(
             f"{args.embeddings}: embeddings are {emb.shape[1]} wide, the model's are "
             f"{model.cfg.joint_embed_shape} (made by another model?)"
         )
-    q = model.embed_text([args.query])
-    scores = torch.from_numpy(emb) @ q[0]
-    top = torch.topk(scores, min(args.top, len(names)))
-    lines = [f"{float(s):+.4f}  {names[i]}" for s, i in zip(top.values, top.indices.tolist())]
+    if stored is None:
+        log.warning("%s records no model identity; cannot check it was made by this model",
+                    args.embeddings)  # fmt: skip
+    else:
+        why = identity_mismatch(stored, model_identity(model, args.checkpoint))
+        if why and not args.allow_model_mismatch:
+            parser.error(f"{args.embeddings}: {why}; pass --allow-model-mismatch to rank anyway")
+        if why:
+            log.warning("%s: %s", args.embeddings, why)
+    q = model.embed_text(args.query)  # every query in one pass of one model load
+    scores = torch.from_numpy(emb) @ q.T
+    lines = []
+    for j, query in enumerate(args.query):
+        top = torch.topk(scores[:, j], min(args.top, len(names)))
+        if len(args.query) > 1:
+            lines.append(f"# {query}")
+        lines += [f"{float(s):+.4f}  {names[i]}" for s, i in zip(top.values, top.indices.tolist())]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
-
-
-def _read_embeddings(path: Path) -> tuple[list[str], np.ndarray]:
-    """(names, (N, d) float32) from ``clap-fast embed``'s output; ValueError naming a mismatch."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such embeddings file")
-    if path.suffix == ".parquet":
-        _need_pyarrow()
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path).to_pydict()
-            names, rows = table["path"], table["embedding"]
-            emb = np.asarray(rows, dtype=np.float32)
-        except KeyError as exc:
-            raise ValueError(f"{path}: no {exc} column (not written by clap-fast embed)") from None
-        except Exception as exc:
-            raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
-        names = [str(n) for n in names]
-    elif path.suffix == ".npy":
-        try:
-            emb = np.load(path, allow_pickle=False)
-        except Exception as exc:  # object arrays (pickles) are refused here too
-            raise ValueError(f"{path}: unreadable .npy ({type(exc).__name__}: {exc})") from None
-        if emb.dtype.kind != "f":
-            raise ValueError(f"{path}: embeddings must be floating point, got {emb.dtype}")
-        listing = path.with_suffix(".paths.txt")
-        if not listing.is_file():
-            raise ValueError(f"{path}: its file list {listing} is missing")
-        names = listing.read_text().splitlines()
-    else:
-        raise ValueError(f"{path}: embeddings must be a .npy or .parquet file")
-    if emb.ndim != 2 or emb.shape[0] == 0:
-        raise ValueError(f"{path}: embeddings must be a non-empty (N, d) matrix, got {emb.shape}")
-    if len(names) != emb.shape[0]:
-        raise ValueError(f"{path}: {emb.shape[0]} embeddings but {len(names)} names")
-    bad = int((~np.isfinite(emb).all(axis=1)).sum())
-    if bad:
-        raise ValueError(f"{path}: {bad} rows hold NaN or inf")
-    return names, emb.astype(np.float32)

@@ -44,8 +44,6 @@ def embed_main(argv: list[str]) -> int:
         help="run on Ray Data; no ADDRESS = $RAY_ADDRESS, a running local cluster or a new one",
     )
     parser.add_argument("--num-cpu-actors", type=int, default=2, help="embed actors without GPUs")
-    parser.add_argument("--num-workers", type=int, default=4, help="decode threads (one process)")
-    parser.add_argument("--long-audio", choices=("sliding", "first", "rand_trunc", "fusion"))
     parser.add_argument("--retry-failed", action="store_true", help="retry earlier failures")
     _model_args(parser)
     args, unknown = parser.parse_known_args(argv)
@@ -55,6 +53,12 @@ def embed_main(argv: list[str]) -> int:
         return single_file_embed(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    out = Path(args.out)
+    if "://" not in args.out and out.suffix and not out.is_dir():
+        parser.error(
+            f"--out {args.out}: a single output file must be .npy or .parquet; "
+            "a library output is a folder"
+        )
     from clap_fast.library import embed_library
 
     try:
@@ -64,7 +68,7 @@ def embed_main(argv: list[str]) -> int:
             _load_model(args),
             ray_address=args.ray,
             num_cpu_actors=args.num_cpu_actors,
-            num_workers=args.num_workers,
+            num_workers=args.workers,
             batch_size=args.batch_size,
             long_audio=args.long_audio,
             retry_failed=args.retry_failed,
@@ -75,7 +79,7 @@ def embed_main(argv: list[str]) -> int:
         "%s: %d embedded, %d failed (listed in failures.json), %d already done",
         run.out, run.embedded, len(run.failed), run.skipped,
     )  # fmt: skip
-    return 1 if run.failed else 0
+    return 1 if run.failed and not args.allow_failures else 0
 
 
 def _read_embeddings(source: Path) -> tuple[list[str], np.ndarray, dict, dict]:

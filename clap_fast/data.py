@@ -45,7 +45,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clap_fast.audio import decode_audio, prepare_clip, resample
 from clap_fast.config import AudioConfig, TextConfig
-from clap_fast.pcm import PCM_EXT, PCM_RATE, decode_pcm, probe_sample, stack_waveforms, to_float
+from clap_fast.pcm_format import (
+    PCM_EXT,
+    PCM_RATE,
+    decode_pcm,
+    pcm_length,
+    stack_waveforms,
+    to_float,
+)
 
 __all__ = [
     "SKIP_REASONS",
@@ -368,6 +375,52 @@ def decode_sample(
 
 
 # ----------------------------------------------------------------------- dataset
+
+
+def probe_sample(
+    key: str,
+    group: dict[str, bytes],
+    spec: DecodeSpec,
+    rng: random.Random,
+    url: str,
+    stats: SkipStats,
+) -> dict[str, Any] | None:
+    """``decode_sample``'s outcome without its audio: ``{"key", "seconds", "placeholder"}`` or
+    None, with the same skip counts and the same draws from ``rng`` (mid-epoch resume).
+
+    A PCM member's length comes from its header (no copy); other layouts (and fusion or a model
+    rate other than 48 kHz, whose draws need the audio) are decoded in full and dropped.
+    """
+    ext = next((e for e in AUDIO_EXTS if e in group), None)
+    if ext != PCM_EXT or spec.enable_fusion or spec.audio.sample_rate != PCM_RATE:
+        item = decode_sample(key, group, spec, rng, url, stats)
+        return None if item is None else {"key": key, "seconds": item["seconds"], "placeholder": 1}
+    # the checks of decode_sample, in its order (tests/test_pcm.py holds the two together)
+    if "json" not in group:
+        stats.add("missing_text", url, key)
+        return None
+    try:
+        texts = _captions(json.loads(group["json"]))
+    except (ValueError, UnicodeDecodeError):
+        stats.add("bad_json", url, f"{key}.json")
+        return None
+    if texts is None:
+        stats.add("missing_text", url, f"{key}.json")
+        return None
+    try:
+        n = pcm_length(group[PCM_EXT])
+        if n == 0:
+            raise ValueError("empty PCM member")
+    except ValueError as exc:
+        stats.add("undecodable_audio", url, f"{key}.{PCM_EXT} ({type(exc).__name__})")
+        return None
+    if n > spec.clip_samples:  # the seed of the random crop's generator
+        rng.randrange(1 << 62)
+    if not spec.all_captions:  # the caption's draw
+        rng.choice(texts)
+    return {"key": key, "seconds": n / PCM_RATE, "placeholder": 1}
+
+
 def _mix(*values: int) -> int:
     """A seed from integers, stable across processes (unlike ``hash`` of str-bearing tuples)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
@@ -409,7 +462,7 @@ class WebAudioDataset(IterableDataset):
 
         ``resume_batches``: the trainer already consumed this many batches of the epoch; each
         worker then yields its share of them as placeholders (``{"placeholder": True, "keys",
-        "seconds", "stats"}``) found without decoding PCM audio (``clap_fast.pcm.probe_sample``),
+        "seconds", "stats"}``) found without decoding PCM audio (``probe_sample``),
         with the same random draws, so the next real batch is the uninterrupted run's.
         """
         self.epoch, self.resume_batches = epoch, resume_batches

@@ -151,8 +151,15 @@ class CLAP(InferenceMixin, nn.Module):
             )  # fmt: skip
         return model.eval().to(ops.resolve_device(device))
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``model.safetensors`` + ``config.json`` (our format)."""
+    def save_pretrained(self, directory: str | os.PathLike, format: str = "ours") -> None:
+        """Write ``model.safetensors`` + ``config.json``: our format, or ``format="hf"`` for
+        transformers' ``ClapModel.from_pretrained`` (HTS-AT + RoBERTa; see ``hf_format``)."""
+        if format == "hf":
+            from clap_fast.hf_format import save_hf
+
+            return save_hf(self, directory)
+        if format != "ours":
+            raise ValueError(f"format must be 'ours' or 'hf', got {format!r}")
         checkpoint.save_pretrained(self, directory)
 
     # ------------------------------------------------------------------ towers

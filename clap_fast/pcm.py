@@ -26,17 +26,26 @@ import io
 import json
 import logging
 import os
-import random
 import sys
 import tarfile
-import warnings
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from clap_fast.data import AUDIO_EXTS, SkipStats, _captions, probe_sample, read_tar_samples
+from clap_fast.pcm_format import (
+    PCM_EXT,
+    PCM_RATE,
+    decode_pcm,
+    encode_pcm,
+    pcm_length,
+    quantize,
+    stack_waveforms,
+    to_float,
+)
 
 __all__ = [
     "PCM_EXT",
@@ -56,128 +65,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PCM_EXT = "npy"
-PCM_RATE = 48000
-"""The rate of every PCM shard (LAION's training rate)."""
-_SCALE = 32767.0
 _MTIME = 946684800  # fixed member times: the same source gives byte-identical PCM tars
 REPORT = "prepare_pcm_report.json"
 
 
-# ------------------------------------------------------------------------- samples
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """(T,) float waveform → (T,) int16 ``trunc(clamp(x, -1, 1) * 32767)`` (LAION's quantiser)."""
-    return (torch.clamp(x, -1.0, 1.0) * _SCALE).to(torch.int16)
-
-
-def to_float(q: torch.Tensor) -> torch.Tensor:
-    """int16 (any shape) → float32 ``q / 32767``: the tail of LAION's int16 round trip.
-
-    Run it after the copy to the device, so the host-to-device copy moves 2 bytes a sample.
-    """
-    return q.to(torch.float32) / _SCALE
-
-
-def encode_pcm(q: np.ndarray) -> bytes:
-    """(T,) int16 → the bytes of a ``.npy`` member."""
-    if q.dtype != np.int16 or q.ndim != 1:
-        raise ValueError(f"PCM must be a 1-D int16 array, got {q.dtype} {q.shape}")
-    buf = io.BytesIO()
-    np.save(buf, q.astype("<i2", copy=False), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _header(data: bytes) -> tuple[int, int]:
-    """(samples, offset of the data) of a ``.npy`` member; ValueError unless 1-D ``<i2``."""
-    f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise ValueError(f"unsupported .npy version {version}")
-    if dtype != np.dtype("<i2") or len(shape) != 1:
-        raise ValueError(f"PCM member must be 1-D <i2, got {dtype} {shape}")
-    n, offset = int(shape[0]), f.tell()
-    if len(data) != offset + 2 * n:
-        raise ValueError(f"PCM member holds {len(data) - offset} bytes, its header says {2 * n}")
-    return n, offset
-
-
-def pcm_length(data: bytes) -> int:
-    """Samples in a ``.npy`` PCM member, from its header alone (no copy)."""
-    return _header(data)[0]
-
-
-def decode_pcm(data: bytes, copy: bool = True) -> torch.Tensor:
-    """A ``.npy`` PCM member → (T,) int16 tensor (no pickle); ValueError if malformed.
-
-    ``copy=False`` (the loader, which crops and then stacks into a new batch tensor anyway)
-    returns a view of ``data`` that must not be written to.
-    """
-    n, offset = _header(data)
-    if n == 0:
-        raise ValueError("empty PCM member")
-    if not copy and sys.byteorder == "little":
-        with warnings.catch_warnings():  # bytes are read-only; the view is only read
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.frombuffer(data, dtype=torch.int16, count=n, offset=offset)
-    arr = np.frombuffer(data, dtype="<i2", count=n, offset=offset)
-    return torch.from_numpy(arr.astype(np.int16))  # the copy makes it writable and native
-
-
-def stack_waveforms(waves: Sequence[torch.Tensor]) -> torch.Tensor:
-    """(T,) waveforms → (B, T): int16 if all are int16 (PCM shards), float32 otherwise."""
-    if all(w.dtype == torch.int16 for w in waves):
-        return torch.stack(list(waves))
-    return torch.stack([to_float(w) if w.dtype == torch.int16 else w for w in waves])
-
-
-def probe_sample(
-    key: str, group: dict[str, bytes], spec: Any, rng: random.Random, url: str, stats: Any
-) -> dict[str, Any] | None:
-    """``decode_sample``'s outcome without its audio: ``{"key", "seconds", "placeholder"}`` or
-    None, with the same skip counts and the same draws from ``rng`` (mid-epoch resume).
-
-    A PCM member's length comes from its header (no copy); other layouts (and fusion or a model
-    rate other than 48 kHz, whose draws need the audio) are decoded in full and dropped.
-    """
-    from clap_fast.data import AUDIO_EXTS, _captions, decode_sample
-
-    ext = next((e for e in AUDIO_EXTS if e in group), None)
-    if ext != PCM_EXT or spec.enable_fusion or spec.audio.sample_rate != PCM_RATE:
-        item = decode_sample(key, group, spec, rng, url, stats)
-        return None if item is None else {"key": key, "seconds": item["seconds"], "placeholder": 1}
-    # the checks of decode_sample, in its order (tests/test_pcm.py holds the two together)
-    if "json" not in group:
-        stats.add("missing_text", url, key)
-        return None
-    try:
-        texts = _captions(json.loads(group["json"]))
-    except (ValueError, UnicodeDecodeError):
-        stats.add("bad_json", url, f"{key}.json")
-        return None
-    if texts is None:
-        stats.add("missing_text", url, f"{key}.json")
-        return None
-    try:
-        n = pcm_length(group[PCM_EXT])
-        if n == 0:
-            raise ValueError("empty PCM member")
-    except ValueError as exc:
-        stats.add("undecodable_audio", url, f"{key}.{PCM_EXT} ({type(exc).__name__})")
-        return None
-    if n > spec.clip_samples:  # the seed of the random crop's generator
-        rng.randrange(1 << 62)
-    if not spec.all_captions:  # the caption's draw
-        rng.choice(texts)
-    return {"key": key, "seconds": n / PCM_RATE, "placeholder": 1}
-
-
 def _source_audio(group: dict[str, bytes]) -> str | None:
-    from clap_fast.data import AUDIO_EXTS
-
     return next((e for e in AUDIO_EXTS if e in group and e != PCM_EXT), None)
 
 
@@ -192,7 +84,6 @@ def convert_sample(
     import soundfile as sf
 
     from clap_fast.audio import resample
-    from clap_fast.data import _captions
 
     if "json" not in group:
         stats.add("missing_text", url, key)
@@ -260,7 +151,6 @@ def convert_shard(
     "audio_bytes": bytes of PCM members, "resumed": bool}``. Raises RuntimeError if the counts
     disagree (a bug, never bad data).
     """
-    from clap_fast.data import SkipStats, read_tar_samples
 
     out = Path(dst)
     rep = _done(out)

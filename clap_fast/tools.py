@@ -52,7 +52,6 @@ def test_tars(urls: list[str], batch_size: int = 1) -> SkipStats:
         n = 0
         for key, group in read_tar_samples(url, stats):
             n += decode_sample(key, group, spec, rng, url, stats) is not None
-        stats.clips += n
         log.info("%s: %d good samples", url, n)
         stats.clips += n
     return stats

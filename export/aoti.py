@@ -154,14 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("onnx_ir").setLevel(
         logging.WARNING
     )  # per-pass chatter of the dynamo exporter
-    parser = build_parser("python -m export.aoti")
+    parser = build_parser(
+        "python -m export.aoti", description=__doc__.split("\n\n")[0], onnx_options=False
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=None, help="static batch (default: dynamic)")
     args = parser.parse_args(argv)
     try:
         spec: ModelSpec = spec_from_args(args)
-        if args.fp16 or args.opset != 17:
-            raise ValueError("--fp16 and --opset apply to ONNX exports only")
         if args.batch is not None and args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         ops.resolve_device(args.device)

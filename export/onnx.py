@@ -369,18 +369,25 @@ def export_model(
     ]
 
 
-def build_parser(prog: str = "python -m export.onnx") -> argparse.ArgumentParser:
-    """The CLI's argument parser (shared with ``export.trt``)."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def build_parser(
+    prog: str = "python -m export.onnx", description: str | None = None, onnx_options: bool = True
+) -> argparse.ArgumentParser:
+    """The CLI's argument parser (shared with ``export.trt`` and ``export.aoti``, which pass their
+    own ``description``; ``onnx_options=False`` leaves out --opset and --fp16)."""
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0])
     p.add_argument(
         "--model", default="HTSAT-tiny", help="architecture (random weights unless --checkpoint)"
     )
     p.add_argument("--checkpoint", default=None, help="LAION .pt / HF / clap_fast checkpoint")
     p.add_argument("--tower", choices=("audio", "text", "both"), default="both")
-    p.add_argument(
-        "--opset", type=int, default=MIN_OPSET, help="17 (TorchScript exporter) or 18-20 (dynamo)"
-    )
-    p.add_argument("--fp16", action="store_true", help="float16 towers inside the graph")
+    if onnx_options:
+        p.add_argument(
+            "--opset",
+            type=int,
+            default=MIN_OPSET,
+            help="17 (TorchScript exporter) or 18-20 (dynamo)",
+        )
+        p.add_argument("--fp16", action="store_true", help="float16 towers inside the graph")
     p.add_argument("--out", default="exported", help="output directory")
     p.add_argument("--text", default="roberta", help="text tower of random-weight models")
     p.add_argument(

@@ -294,7 +294,7 @@ def _verify(
 
 def build_parser_trt() -> argparse.ArgumentParser:
     """``export.onnx``'s arguments plus the engine builder's."""
-    p = build_parser("python -m export.trt")
+    p = build_parser("python -m export.trt", description=__doc__.split("\n\n")[0])
     p.add_argument("--bf16", action="store_true", help="build with BF16 enabled")
     p.add_argument("--batch", default="1:8:64", help="optimization profile MIN:OPT:MAX")
     p.add_argument("--workspace", type=float, default=4.0, help="builder workspace (GiB)")

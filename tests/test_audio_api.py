@@ -137,7 +137,8 @@ def test_resampling_and_int16_input(model):
         (torch.zeros(1, 0), "empty"),
         ([np.zeros(0, dtype=np.float32)], "empty"),
         (torch.zeros(2, 3, 100), "batch, samples"),
-        (torch.zeros(100), "batch, samples"),
+        (torch.zeros(48000, 2), "channels='last'"),
+        (np.zeros((3, 48000, 2), np.float32), "channels="),
         (torch.zeros(1, 100, dtype=torch.int32), "dtype"),
         ([], "empty batch"),
         ("a.wav", "array"),
@@ -272,3 +273,54 @@ def test_training_loader_uses_the_api_preparation(fusion):
         else:
             assert torch.equal(got["waveform"], want.windows[0])
             assert got["waveform"].shape == (480000,)
+
+
+def test_input_rules_one_clip_channels_and_strings(model):
+    """A 1-D clip is one clip; (T, C) needs channels= and then equals the downmix; strings and
+    lists of strings are refused (a file name is not iterated character by character)."""
+    x = signals(2, 48000)
+    one = model.embed_audio(x[0])
+    assert one.shape == (1, 512)
+    torch.testing.assert_close(one, model.embed_audio(x[:1]))
+    stereo_tc = torch.stack([x[0], x[1]], dim=1).numpy()  # (T, 2) as soundfile.read gives it
+    with pytest.raises(ValueError, match="channels='last'"):
+        model.embed_audio(stereo_tc)
+    mono = model.embed_audio(((x[0] + x[1]) / 2)[None])
+    torch.testing.assert_close(model.embed_audio(stereo_tc, channels="last"), mono)
+    torch.testing.assert_close(model.embed_audio(stereo_tc.T, channels="first"), mono)
+    batch = model.embed_audio(np.stack([stereo_tc, stereo_tc]), channels="last")
+    torch.testing.assert_close(batch, mono.expand(2, -1))
+    torch.testing.assert_close(model.embed_audio([stereo_tc], channels="last"), mono)
+    with pytest.raises(ValueError, match="channels must be"):
+        model.embed_audio(stereo_tc, channels="left")
+    with pytest.raises(ValueError, match="single path"):
+        model.embed_audio_files("dog.wav")
+    with pytest.raises(ValueError, match="path"):
+        model.embed_audio(["dog.wav", "cat.wav"])
+    with pytest.raises(ValueError, match="single string"):
+        model.zero_shot(one, "dog")
+
+
+def test_file_decoding_overlaps_compute(model, monkeypatch):
+    """While batch 0 is embedded, batch 1 is already being decoded (threads)."""
+    import threading
+
+    import clap_fast.api as api
+
+    started: dict[str, threading.Event] = {p: threading.Event() for p in "abcd"}
+    seen = []
+
+    def fake_load(path, sr):
+        started[path].set()
+        return torch.full((4800,), 0.1 * (ord(path) - 96))
+
+    real = type(model).embed_audio
+
+    def spy(self, clips, *args, **kwargs):
+        seen.append(started["c"].wait(timeout=30))  # batch 1's first file, while batch 0 embeds
+        return real(self, clips, *args, **kwargs)
+
+    monkeypatch.setattr(api, "load_audio", fake_load)
+    monkeypatch.setattr(type(model), "embed_audio", spy)
+    out = model.embed_audio_files(list("abcd"), batch_size=2, num_workers=2, progress=False)
+    assert seen[0] is True and out.shape == (4, 512) and bool(torch.isfinite(out).all())

@@ -170,3 +170,26 @@ def test_open_clip_style_embedded_clap_loads(tmp_path):
     loaded = clap_fast.CLAP.from_pretrained(tmp_path / "audioldm.ckpt")
     x = signals(1, 480000)
     torch.testing.assert_close(loaded.embed_audio(x), model.embed_audio(x), rtol=0, atol=0)
+
+
+def test_numpy_globals_survive_a_core_stub_without_multiarray(monkeypatch):
+    """numpy 1.26 + transformers: ``numpy._core`` exists but has no ``multiarray`` attribute."""
+    import types
+
+    import numpy as np
+
+    from clap_fast.checkpoint import _numpy_globals
+
+    monkeypatch.setattr(np, "_core", types.ModuleType("numpy._core"), raising=False)
+    allowed = _numpy_globals()
+    assert any(getattr(a, "__name__", "") == "scalar" for a in allowed)
+
+
+def test_builtin_htsat_keeps_its_name_after_a_round_trip(tmp_path):
+    """A LAION-layout HTSAT-mini reloads as HTSAT-mini, not "HTSAT-tiny (custom-8)"."""
+    from tests.helpers import small_model
+
+    m = small_model("HTSAT-mini")
+    save_laion_checkpoint(m, tmp_path / "mini.pt")
+    back = CLAP.from_pretrained(tmp_path / "mini.pt")
+    assert back.cfg.name == "HTSAT-mini" and back.cfg.audio.model_name == "mini"

@@ -110,6 +110,11 @@ def test_no_import_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
+# Modules that run exported graphs (the Triton server's engines, the CPU engines) sit above
+# ``export``, which builds on the model; the rest of clap_fast must not import ``export``.
+RUNTIME_LAYER = {"clap_fast.serve_models", "clap_fast.engine_runtimes"}
+
+
 def test_layering():
     graph = import_graph()
     for mod, deps in graph.items():
@@ -117,7 +122,7 @@ def test_layering():
         tops = {d.split(".")[0] for d in deps}
         if top == "kernels":
             assert tops <= {"kernels"}, f"{mod} imports {sorted(deps)}"
-        if top == "clap_fast":
+        if top == "clap_fast" and mod not in RUNTIME_LAYER:
             assert "export" not in tops, f"{mod} imports {sorted(deps)}"
 
 

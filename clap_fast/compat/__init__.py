@@ -1,0 +1,1 @@
+"""Drop-in surfaces for code written against other CLAP libraries (``compat.laion``)."""
