@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clap_fast.engines import ENGINES
+
 __all__ = ["embed_main", "zero_shot_main", "search_main", "find_audio_files", "AUDIO_SUFFIXES"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default="roberta", help="text tower when no checkpoint is given")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="inference engine (clap_fast.engines); auto picks from the CPU and logs why",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -94,7 +102,9 @@ def embed_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     files = find_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size, strict=args.strict)
+    emb = model.embed_audio_files(
+        files, batch_size=args.batch_size, strict=args.strict, engine=args.engine
+    )
     ok = torch.isfinite(emb).all(dim=1)
     names = [str(f) for f, good in zip(files, ok.tolist()) if good]
     _write_embeddings(args.out, names, emb[ok].numpy())
@@ -120,9 +130,10 @@ def zero_shot_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     files = find_audio_files(args.source)
     model = _load_model(args)
-    emb = model.embed_audio_files(files, batch_size=args.batch_size)
+    emb = model.embed_audio_files(files, batch_size=args.batch_size, engine=args.engine)
     ok = torch.isfinite(emb).all(dim=1)
-    probs = model.zero_shot(emb[ok], args.labels, template=args.template)
+    text = model.embed_text([args.template.format(x) for x in args.labels], engine=args.engine)
+    probs = model.zero_shot(emb[ok], args.labels, template=args.template, text_embeddings=text)
     kept = [str(f) for f, good in zip(files, ok.tolist()) if good]
     lines = [f"{'file':<60} {'label':<20} prob"]
     for name, p in zip(kept, probs):
@@ -155,7 +166,7 @@ def search_main(argv: list[str]) -> int:
         emb = np.load(args.embeddings)
         names = args.embeddings.with_suffix(".paths.txt").read_text().splitlines()
     model = _load_model(args)
-    q = model.embed_text([args.query])
+    q = model.embed_text([args.query], engine=args.engine)
     scores = torch.from_numpy(emb) @ q[0]
     top = torch.topk(scores, min(args.top, len(names)))
     lines = [f"{float(s):+.4f}  {names[i]}" for s, i in zip(top.values, top.indices.tolist())]

@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite checks fp32 parity: engine="auto" would take bf16 on CPUs with bf16 units.
+# tests/test_engines.py clears this to test auto itself.
+os.environ.setdefault("CLAP_FAST_ENGINE", "eager")
 
 HAS_GPU = torch.cuda.is_available()
 
