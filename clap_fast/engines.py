@@ -155,8 +155,11 @@ class Choice:
     """Replaces ``model.encode_audio`` / ``encode_text`` (same signature); None: the model's."""
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """The autocast context of this choice (a no-op for fp32)."""
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+        """The autocast context of this choice; for fp32 a no-op that leaves a caller's own
+        enclosing autocast in force (``torch.autocast(enabled=False)`` would switch it off)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
 
 
 # model -> {(engine, tower): (weights fingerprint, encode)}; weak: dies with the model
