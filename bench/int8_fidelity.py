@@ -75,7 +75,7 @@ def train(model: clap_fast.CLAP, steps: int, n_train: int, batch: int, seed: int
         loss.backward()
         opt.step()
         clamp_logit_scale_(model)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step + 1, steps, losses[-1])
     model.eval()
