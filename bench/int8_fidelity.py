@@ -1,15 +1,19 @@
 """int8 (and bf16) fidelity on a briefly trained tiny CLAP, against fp32 eager.
 
-    python -m bench.int8_fidelity [--steps 80] [--train 128] [--test 64] [--out bench/results]
+    python -m bench.int8_fidelity [--steps 150] [--train 128] [--test 64] [--out bench/results]
 
 Trains HTSAT-mini with a small CLIP-style text tower (the quick start's model) for a few
-steps on the built-in synthetic sound set (by default with the audio encoder frozen at its
-random initialisation: see ``train``), then embeds the held-out split with each engine
+steps on the built-in synthetic sound set (the quick start's recipe: lr 2e-3, 20 warm-up
+steps, batch 16; the quick start reaches zero-shot top-1 ≈ 0.4 after about 150 steps), then embeds the held-out split with each engine
 (audio and text towers both) and computes, per engine: zero-shot top-1 over the 8 classes
 ("This is a sound of {}."), one-caption retrieval both ways (R@1/5/10, mAP@10) and the
 audio-embedding cosine to fp32 eager. Bounds (issue 21): audio cosine ≥ ``INT8_MIN_COSINE``
 and every metric within ``METRIC_TOL`` of fp32. Writes
 ``int8_fidelity_<device>_<date>.{json,md}``; exit status 1 when an int8 bound is missed.
+
+Status: not run to completion in this project yet. On the shared 2-core CPU a step took
+10–25 s (150 steps: 25–60 min); a 40-step run at batch 8 without warm-up stayed at chance
+(loss ln 8, every audio embedding alike), where the metric comparison means nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from clap_fast.synth import CLASS_NAMES, CLASSES, generate_clip
 
 log = logging.getLogger("bench.int8_fidelity")
 METRIC_TOL = 0.01
+WARMUP = 20
 TEXT = {"width": 128, "layers": 2, "heads": 2}
 ENGINES = ("eager", "bf16", "onnx", "int8")
 METRIC_KEYS = (
@@ -57,53 +62,34 @@ def clips(split: str, n: int) -> tuple[list[np.ndarray], list[list[str]], torch.
 
 
 def train(
-    model: clap_fast.CLAP, steps: int, n_train: int, batch: int, seed: int, lr: float, full: bool
+    model: clap_fast.CLAP, steps: int, n_train: int, batch: int, seed: int, lr: float
 ) -> list[float]:
-    """AdamW steps of LAION's loss on prepared (first-window) train clips.
-
-    ``full=False`` (default): the audio encoder stays at its random initialisation (frozen, its
-    pooled features computed once) and the audio projection, the text tower and the logit
-    scale train — a linear-probe-like CLAP that a 2-core CPU trains in minutes. The int8 graph
-    still quantises every linear layer of the audio encoder. ``full=True`` trains everything
-    (about 100× the compute per step).
-    """
+    """AdamW steps of LAION's loss on prepared (first-window) train clips, with the quick
+    start's linear warm-up (``WARMUP`` steps) and logit-scale clamp."""
     waves, captions, _ = clips("train", n_train)
     prepared = prepare_batch(
         as_waveform_list(waves), model.cfg.audio, fusion=False, long_audio="first"
     ).waveform
     g = torch.Generator().manual_seed(seed)
-    pooled = None
-    if not full:
-        model.eval()
-        with torch.no_grad():
-            pooled = torch.cat([model.audio_branch(w) for w in prepared.split(16)])
-        model.audio_branch.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
     loss_fn, losses = ClipLoss(), []
     model.train()
-    if not full:
-        model.audio_branch.eval()
     for step in range(steps):
         idx = torch.randperm(n_train, generator=g)[:batch]
         pick = torch.randint(0, len(captions[0]), (batch,), generator=g)
         tok = model.tokenize([captions[i][j] for i, j in zip(idx.tolist(), pick.tolist())])
-        if full:
-            out = model(prepared[idx], tok["input_ids"], tok["attention_mask"])
-            a, t = out["audio_features"], out["text_features"]
-        else:
-            a = F.normalize(model.audio_projection(pooled[idx]), dim=-1)
-            t = F.normalize(model.encode_text(tok["input_ids"], tok["attention_mask"]), dim=-1)
-        loss = loss_fn(a, t, model.logit_scale_a.exp())
+        out = model(prepared[idx], tok["input_ids"], tok["attention_mask"])
+        loss = loss_fn(out["audio_features"], out["text_features"], out["logit_scale_a"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        warmup.step()
         clamp_logit_scale_(model)
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step + 1, steps, losses[-1])
     model.eval()
-    model.requires_grad_(True)
     return losses
 
 
@@ -132,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = clap_fast.create_model("HTSAT-mini", text="transformer", text_overrides=TEXT)
     t0 = time.perf_counter()
-    losses = train(model, args.steps, args.train, args.batch, args.seed, args.lr, args.train_audio)
+    losses = train(model, args.steps, args.train, args.batch, args.seed, args.lr)
     train_s = time.perf_counter() - t0
     test = clips("test", args.test)
     results, embs = {}, {}
@@ -157,9 +143,6 @@ def run(args: argparse.Namespace) -> dict:
         "test_clips": args.test,
         "batch": args.batch,
         "lr": args.lr,
-        "trained": "everything"
-        if args.train_audio
-        else "audio projection + text tower (audio encoder frozen at random init)",
         "seed": args.seed,
         "first_loss": losses[0],
         "last_loss": losses[-1],
@@ -181,7 +164,7 @@ def markdown(rep: dict) -> str:
     lines = [
         f"# int8 / bf16 fidelity on a briefly trained tiny CLAP — {rep['cpu']} — {rep['date'][:10]}",
         "",
-        f"- model: {rep['model']}; trained: {rep['trained']}; {rep['steps']} steps (batch "
+        f"- model: {rep['model']}; {rep['steps']} steps (batch "
         f"{rep['batch']}, lr {rep['lr']}) on "
         f"{rep['train_clips']} synthetic clips, loss {rep['first_loss']:.3f} -> "
         f"{rep['last_loss']:.3f}; evaluated on {rep['test_clips']} held-out clips",
@@ -206,14 +189,11 @@ def markdown(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.int8_fidelity", description=__doc__)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--train", type=int, default=128)
     p.add_argument("--test", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument(
-        "--train-audio", action="store_true", help="train the audio encoder too (slow on a CPU)"
-    )
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
