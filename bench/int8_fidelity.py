@@ -11,9 +11,10 @@ audio-embedding cosine to fp32 eager. Bounds (issue 21): audio cosine ≥ ``INT8
 and every metric within ``METRIC_TOL`` of fp32. Writes
 ``int8_fidelity_<device>_<date>.{json,md}``; exit status 1 when an int8 bound is missed.
 
-Status: not run to completion in this project yet. On the shared 2-core CPU a step took
-10–25 s (150 steps: 25–60 min); a 40-step run at batch 8 without warm-up stayed at chance
-(loss ln 8, every audio embedding alike), where the metric comparison means nothing.
+Status: run once with ``--steps 100`` (``bench/results/int8_fidelity_*``): int8 misses the
+0.01 bound by 2 flipped zero-shot clips of 64 (bf16 by one retrieval clip; one clip is 0.0156).
+A 40-step run at batch 8 without warm-up stayed at chance (loss ln 8, every audio embedding
+alike), where the comparison means nothing.
 """
 
 from __future__ import annotations
