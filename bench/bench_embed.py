@@ -31,7 +31,8 @@ so the host timer covers the device work (the final copy is a sync).
 
 CPU: fp32, audio batches 2 and 8, text batches 8 and 32 (``--benchmark-disable`` smoke runs the
 smallest only). GPU: fp32 audio batches 8, 32, 128 and text 64, 256. Both: clap_fast under bf16
-autocast (agreement recorded, not asserted; the CPU has AVX512-BF16 here).
+autocast (agreement recorded, not asserted; the CPU has AVX512-BF16 here). clap_fast runs with
+``engine="eager"`` here; the engines and ``auto`` are compared in ``bench_cpu_engines.py``.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def audio_fn(provider: str, batch: int):
     if provider in ("clap_fast", "clap_fast_compiled", "clap_fast_bf16"):
         model = cf_compiled() if provider == "clap_fast_compiled" else cf_model()
         amp = torch.bfloat16 if provider == "clap_fast_bf16" else None
-        return lambda: model.embed_audio(x, SR, batch_size=batch, autocast=amp)
+        return lambda: model.embed_audio(x, SR, batch_size=batch, autocast=amp, engine="eager")
     if provider == "laion_clap":
         model = laion_model()
 
@@ -232,8 +233,10 @@ def text_fn(provider: str, batch: int):
     if provider in ("clap_fast", "clap_fast_compiled", "clap_fast_bf16"):
         model = cf_compiled() if provider == "clap_fast_compiled" else cf_model()
         if provider == "clap_fast_bf16":
-            return lambda: _autocast(lambda: model.embed_text_tokens(ids, mask, batch_size=batch))
-        return lambda: model.embed_text_tokens(ids, mask, batch_size=batch)
+            return lambda: _autocast(
+                lambda: model.embed_text_tokens(ids, mask, batch_size=batch, engine="eager")
+            )
+        return lambda: model.embed_text_tokens(ids, mask, batch_size=batch, engine="eager")
     if provider == "laion_clap":
         model = laion_model()
 

@@ -140,6 +140,9 @@ def _meta(doc: dict, benchmarks: list[dict]) -> dict[str, Any]:
     env["datetime"] = doc.get("datetime", "")
     env["python"] = machine.get("python_version")
     env["cpu"] = (machine.get("cpu") or {}).get("brand_raw")
+    isa = {(b.get("extra_info") or {}).get("cpu_isa") for b in benchmarks} - {None}
+    if isa:  # suites that record the CPU's ISA (bench_cpu_engines.py)
+        env["cpu_isa"] = ", ".join(sorted(isa))
     loads = [((b.get("extra_info") or {}).get("env") or {}).get("loadavg_1m") for b in benchmarks]
     loads = [x for x in loads if isinstance(x, (int, float))]
     if loads:
@@ -254,6 +257,7 @@ def markdown(suite: str, meta: dict, rows: list[dict], ratios: list[dict], png: 
         ("CUDA", meta.get("cuda")),
         ("torch threads", meta.get("torch_threads")),
         ("CPU", meta.get("cpu")),
+        ("CPU ISA", meta.get("cpu_isa")),
         ("load average (1 min) during the run", meta.get("loadavg_1m_range")),
         ("run at", meta.get("datetime")),
     ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from clap_fast import ops, validate
+from clap_fast import engines, ops, validate
 from clap_fast.audio import as_waveform_list, load_audio, prepare_batch, resample
 
 __all__ = ["InferenceMixin", "DEFAULT_TEMPLATE"]
@@ -52,6 +52,7 @@ class InferenceMixin:
         autocast: torch.dtype | None = None,
         channels: str | None = None,
         frames: bool = False,
+        engine: str | None = None,
     ) -> torch.Tensor:
         """Audio embeddings (B, 512) from a (B, T) array / tensor or a list of 1-D clips.
 
@@ -70,7 +71,10 @@ class InferenceMixin:
             data_filling: repeatpad (default) | repeat | pad, for clips shorter than 10 s.
             generator: makes rand_trunc / fusion crops random (LAION) and reproducible.
             autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
-                fp32); None (default) computes in fp32 like LAION.
+                fp32; implies the eager engine); None (default): as the engine decides.
+            engine: None (default: ``CLAP_FAST_ENGINE`` or fp32 eager, LAION's numbers) | auto |
+                eager | bf16 | compile | onnx | openvino | int8; see ``clap_fast.engines`` for
+                what each runs and what ``auto`` picks (and logs).
         """
         if frames:
             from clap_fast.frames import embed_frames
@@ -87,8 +91,8 @@ class InferenceMixin:
         ]
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
-        amp = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
-        with torch.inference_mode(), amp:
+        choice = engines.select(self, engine, "audio", normalize=normalize, autocast=autocast)
+        with torch.inference_mode(), choice.autocast(self.device):
             for idx in _chunks(len(clips), batch_size):
                 out[idx.start : idx.stop] = self._embed_clips(
                     [clips[i] for i in idx],
@@ -97,15 +101,17 @@ class InferenceMixin:
                     generator,
                     normalize,
                     batch_size,
+                    encode=choice.encode,
                 )
                 bar.update(len(idx))
         bar.close()
         return out
 
     def _embed_clips(
-        self, clips, long_audio, data_filling, generator, normalize, batch_size
+        self, clips, long_audio, data_filling, generator, normalize, batch_size, encode=None
     ) -> torch.Tensor:
         dev = self.device
+        encode = encode or self.encode_audio
         batch = prepare_batch(
             clips, self.cfg.audio, fusion=self.cfg.enable_fusion, data_filling=data_filling,
             long_audio=long_audio, generator=generator, device=dev,
@@ -113,12 +119,12 @@ class InferenceMixin:
         if batch.waveform is not None:
             feats = torch.cat(
                 [
-                    self.encode_audio(batch.waveform[r.start : r.stop])
+                    encode(batch.waveform[r.start : r.stop])
                     for r in _chunks(len(batch.waveform), batch_size)
                 ]
             )
         else:
-            feats = self.encode_audio(mel_fusion=batch.mel_fusion, longer=batch.longer)
+            feats = encode(mel_fusion=batch.mel_fusion, longer=batch.longer)
         feats = feats.float().cpu()
         if len(feats) != len(clips):  # several windows per clip: mean of normalised windows
             pooled = torch.zeros(len(clips), feats.shape[1]).index_add_(
@@ -200,13 +206,19 @@ class InferenceMixin:
         return get_tokenizer(self.cfg.text)(texts)
 
     def embed_text(
-        self, texts: Sequence[str], *, batch_size: int = 256, normalize: bool = True
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 256,
+        normalize: bool = True,
+        engine: str | None = None,
     ) -> torch.Tensor:
         """Text embeddings (B, 512); needs the tower's tokenizer (see ``embed_text_tokens``)."""
         tok = self.tokenize(texts)
         return self.embed_text_tokens(
-            tok["input_ids"], tok["attention_mask"], batch_size=batch_size, normalize=normalize
-        )
+            tok["input_ids"], tok["attention_mask"], batch_size=batch_size, normalize=normalize,
+            engine=engine,
+        )  # fmt: skip
 
     def embed_text_tokens(
         self,
@@ -215,8 +227,11 @@ class InferenceMixin:
         *,
         batch_size: int = 256,
         normalize: bool = True,
+        engine: str | None = None,
     ) -> torch.Tensor:
-        """Text embeddings (B, 512) from (B, L) token ids (and mask); no tokenizer needed."""
+        """Text embeddings (B, 512) from (B, L) token ids (and mask); no tokenizer needed.
+
+        ``engine``: as in ``embed_audio`` (``clap_fast.engines``)."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -232,14 +247,14 @@ class InferenceMixin:
         self._check_tokens(input_ids)
         dev = self.device
         outs = []
-        with torch.inference_mode():
+        choice = engines.select(self, engine, "text", normalize=normalize)
+        encode = choice.encode or self.encode_text
+        with torch.inference_mode(), choice.autocast(dev):
             for r in _chunks(len(input_ids), batch_size):
                 mask = (
                     attention_mask[r.start : r.stop].to(dev) if attention_mask is not None else None
                 )
-                outs.append(
-                    self.encode_text(input_ids[r.start : r.stop].to(dev).long(), mask).float().cpu()
-                )
+                outs.append(encode(input_ids[r.start : r.stop].to(dev).long(), mask).float().cpu())
         feats = torch.cat(outs)
         return F.normalize(feats, dim=-1) if normalize else feats
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from clap_fast.engines import ENGINES
+
 __all__ = [
     "embed_main",
     "zero_shot_main",
@@ -91,6 +93,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="fp32 (default, LAION's numbers) or bf16 / fp16 autocast for the towers",
     )
+    g.add_argument(
+        "--engine",
+        default=None,
+        choices=ENGINES,
+        help="inference engine (clap_fast.engines); default fp32 eager (LAION's numbers), "
+        "auto picks the fastest for this CPU (bf16 where it has bf16 units) and logs why",
+    )
     g.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
     g.add_argument(
         "--allow-failures",
@@ -110,6 +119,7 @@ def _audio_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         "num_workers": _check(parser, validate.check_positive_int, args.workers, "--workers"),
         "long_audio": args.long_audio,
         "autocast": _PRECISIONS[args.precision],
+        "engine": args.engine,
     }
 
 
@@ -249,7 +259,8 @@ def zero_shot_main(argv: list[str]) -> int:
     _check_long_audio(parser, model, args)
     emb = model.embed_audio_files(files, batch_size=args.batch_size, **kwargs)
     ok = torch.isfinite(emb).all(dim=1)
-    probs = model.zero_shot(emb[ok], args.labels, template=args.template)
+    text = model.embed_text([args.template.format(x) for x in args.labels], engine=args.engine)
+    probs = model.zero_shot(emb[ok], args.labels, template=args.template, text_embeddings=text)
     kept = [str(f) for f, good in zip(files, ok.tolist()) if good]
     lines = [f"{'file':<60} {'label':<20} prob"]
     for name, p in zip(kept, probs):
@@ -309,7 +320,9 @@ def search_main(argv: list[str]) -> int:
             parser.error(f"{args.embeddings}: {why}; pass --allow-model-mismatch to rank anyway")
         if why:
             log.warning("%s: %s", args.embeddings, why)
-    q = model.embed_text(args.query)  # every query in one pass of one model load
+    q = model.embed_text(
+        args.query, engine=args.engine
+    )  # every query in one pass of one model load
     scores = torch.from_numpy(emb) @ q.T
     lines = []
     for j, query in enumerate(args.query):

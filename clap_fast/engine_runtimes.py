@@ -1,0 +1,235 @@
+"""Builders of the non-eager engines (see ``clap_fast.engines``): compile, onnx, openvino, int8.
+
+Each returns a callable with the signature of the tower's ``encode_*`` method:
+
+* audio: ``encode(waveform=None, *, mel_fusion=None, longer=None) -> (B, 512)``, waveform
+  (B, clip_samples) float32 prepared by ``clap_fast.audio``; fusion models take mel_fusion
+  (B, 4, 1001, 64) float32 and longer (B,) bool;
+* text: ``encode(input_ids, attention_mask=None) -> (B, 512)``, (B, L) int64.
+
+The exported engines run the graphs of ``export/`` (``export.onnx.export_tower``, checked
+against PyTorch at export) and return L2-normalised float32 CPU embeddings; the compiled engine
+returns what the model's method returns. The model's maths lives in the model and in
+``export/encoders.py`` only; nothing here re-implements it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["build", "quantize_int8", "int8_nodes", "OpenVinoRunner"]
+
+log = logging.getLogger(__name__)
+
+FRONT_END_SCOPE = "/frontend/"
+"""Name prefix of the audio graph's log-mel nodes (``AudioEncoder.frontend``), kept in fp32."""
+
+
+def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:
+    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "int8")."""
+    if engine == "compile":
+        return _compiled(model, tower)
+    if engine not in ("onnx", "openvino", "int8"):
+        raise ValueError(f"no builder for engine {engine!r}")
+    with tempfile.TemporaryDirectory(prefix="clap_fast_engine_") as tmp, _model_state(model):
+        path = _export(model, tower, Path(tmp))
+        if engine == "int8":
+            from clap_fast.engines import cpu_info
+
+            path = quantize_int8(path, path.with_name(f"{path.stem}_int8.onnx"), cpu_info())
+        if engine == "openvino":
+            runner = OpenVinoRunner(path)
+        else:
+            from export.runners import OnnxRunner
+
+            runner = OnnxRunner(path, providers="cpu")  # the session holds the graph in memory
+        encode = _graph_encoder(runner, tower)
+        if engine == "int8":
+            _check_int8(model, tower, encode)
+    return encode
+
+
+# ---------------------------------------------------------------------------------- compile
+def _compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
+    """torch.compile of the tower's method with static shapes; each call's batch is padded to
+    the next power of two (repeating its last row) so that a run compiles O(log B) graphs."""
+    fn = torch.compile(model.encode_audio if tower == "audio" else model.encode_text, dynamic=False)
+
+    def encode(*args: torch.Tensor | None, **kwargs: torch.Tensor | None) -> torch.Tensor:
+        first = next(t for t in (*args, *kwargs.values()) if t is not None)
+        n = first.shape[0]
+        target = 1 << max(0, (n - 1).bit_length())
+        padded = [_pad_rows(t, target) for t in args]
+        named = {k: _pad_rows(v, target) for k, v in kwargs.items()}
+        return fn(*padded, **named)[:n]
+
+    return encode
+
+
+def _pad_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if t is None or t.shape[0] == n:
+        return t
+    return torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
+
+
+# ----------------------------------------------------------------------------------- export
+@contextlib.contextmanager
+def _model_state(model: nn.Module) -> Iterator[None]:
+    """Export outside inference mode, in eval mode, and give the caller its modes back."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.inference_mode(False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter about shape guards
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _export(model: nn.Module, tower: str, out: Path) -> Path:
+    """The tower's ONNX graph (opset 17), verified by ``export_tower`` against PyTorch."""
+    from export.onnx import export_tower
+
+    log.info("exporting the %s tower to ONNX for the engine (once per model and weights)", tower)
+    return export_tower(model.eval(), tower, out, stem="engine", verify_batches=(1,)).path
+
+
+def int8_nodes(path: str | Path) -> list[str]:
+    """Names of the graph's linear layers: MatMul / Gemm nodes whose second input is a weight
+    (an initializer), outside the log-mel front end. Attention's activation × activation
+    matmuls and the resize matrix (its constant is the first input) are not among them."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type in ("MatMul", "Gemm")
+        and len(n.input) > 1
+        and n.input[1] in weights
+        and not _in_front_end(n.name)
+    ]
+
+
+def _in_front_end(name: str) -> bool:
+    """The log-mel front end runs in the audio branch's own forward: its matmul against the mel
+    filterbank is a node directly in the ``/audio_branch/`` scope, while every linear layer is a
+    node of a submodule (``/audio_branch/layers.0/.../qkv/MatMul``, ``/audio_projection/...``)."""
+    parts = name.strip("/").split("/")
+    return name.startswith(FRONT_END_SCOPE) or (len(parts) == 2 and parts[0] == "audio_branch")
+
+
+def quantize_int8(src: Path, dst: Path, info) -> Path:
+    """Dynamic int8 quantisation of ``int8_nodes(src)``: int8 weights per output channel,
+    uint8 activations quantised per call. Without VNNI / AMX (``info.int8_dot`` False) the
+    weights use 7 bits (``reduce_range``): the AVX2 u8·s8 multiply-add saturates otherwise."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    nodes = int8_nodes(src)
+    if not nodes:
+        raise ValueError(f"{src.name}: no linear layers to quantise")
+    quiet = _BelowError()  # onnxruntime's quantiser logs per tensor on the root logger
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        quantize_dynamic(
+            src, dst, nodes_to_quantize=nodes, per_channel=True,
+            reduce_range=not info.int8_dot, weight_type=QuantType.QInt8,
+        )  # fmt: skip
+    finally:
+        root.removeFilter(quiet)
+    log.info("int8: quantised %d linear layers (reduce_range=%s)", len(nodes), not info.int8_dot)
+    return dst
+
+
+class _BelowError(logging.Filter):
+    """Drops records below ERROR logged on the logger it is attached to (not propagated ones)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def _check_int8(model: nn.Module, tower: str, encode: Callable[..., torch.Tensor]) -> None:
+    """Log the int8 graph's cosine to fp32 eager on two real-ish inputs; warn below the bound."""
+    from clap_fast.engines import INT8_MIN_COSINE
+    from export.onnx import tower_inputs
+
+    _, args = tower_inputs(model, tower, 2, seed=7)
+    with torch.inference_mode():
+        if tower == "text":
+            ref, got = model.encode_text(*args), encode(*args)
+        elif len(args) == 2:  # fusion: (mel_fusion, longer)
+            ref = model.encode_audio(mel_fusion=args[0], longer=args[1])
+            got = encode(mel_fusion=args[0], longer=args[1])
+        else:
+            ref, got = model.encode_audio(args[0]), encode(args[0])
+    cos = float(F.cosine_similarity(ref.float(), got.float(), dim=-1).min())
+    level = logging.INFO if cos >= INT8_MIN_COSINE else logging.WARNING
+    log.log(
+        level, "int8 %s engine: cosine to fp32 eager %.6f (bound %s)", tower, cos, INT8_MIN_COSINE
+    )
+
+
+# ------------------------------------------------------------------------------ runners
+class OpenVinoRunner:
+    """An OpenVINO CPU model compiled from an ONNX graph, at f32 inference precision (OpenVINO
+    would otherwise run bf16 on CPUs with bf16 units); ``run`` as ``export.runners.OnnxRunner``."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise ValueError(
+                "engine 'openvino' needs OpenVINO: pip install openvino (extra: clap_fast[openvino])"
+            ) from exc
+        core = ov.Core()
+        ov_model = core.read_model(str(path))
+        self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
+
+    def run(self, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:
+        arrays = {
+            k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in feeds.items()
+        }
+        out = self.compiled(arrays)[self.compiled.outputs[0]]
+        return torch.from_numpy(np.ascontiguousarray(out)).float()
+
+
+def _graph_encoder(runner, tower: str) -> Callable[..., torch.Tensor]:
+    """The encode callable over a runner with ``run(feeds)`` and ``input_names``."""
+    if tower == "text":
+
+        def encode_text(
+            input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        ) -> torch.Tensor:
+            feeds = {"input_ids": input_ids.long()}
+            if "attention_mask" in runner.input_names:  # CLIP-style graphs drop the mask
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                feeds["attention_mask"] = mask.long()
+            return runner.run(feeds)
+
+        return encode_text
+
+    def encode_audio(
+        waveform: torch.Tensor | None = None,
+        *,
+        mel_fusion: torch.Tensor | None = None,
+        longer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if mel_fusion is not None:
+            return runner.run({"mel_fusion": mel_fusion.float(), "longer": longer.bool()})
+        return runner.run({"waveform": waveform.float()})
+
+    return encode_audio

@@ -1,0 +1,264 @@
+"""Inference engines of the ``embed_*`` calls, and what ``engine="auto"`` picks on this machine.
+
+=========  ===============================================================  =====================
+engine     what runs                                                        vs fp32 eager
+=========  ===============================================================  =====================
+eager      the model in PyTorch (fp32, or under the caller's ``autocast``)  the reference
+bf16       eager under bf16 autocast; the log-mel front end stays fp32      cos ≥ 0.9999 measured
+compile    ``torch.compile`` of ``encode_audio`` / ``encode_text``, static  exact (fp32); compiles
+           shapes (batches padded to a power of two: few recompiles)        for minutes on 2 cores
+onnx       the ``export/`` graph in onnxruntime's CPU provider              exact (≤ 1e-6)
+openvino   the same graph in OpenVINO, f32 inference precision (optional)   exact (≤ 1e-6)
+int8       the same graph with every linear layer's MatMul / Gemm           cos ≥ 0.999 asserted
+           quantised by onnxruntime (``quantize_dynamic``: int8 weights per  (``INT8_MIN_COSINE``)
+           output channel, activations per call); front end, resize and
+           attention-score matmuls stay fp32
+=========  ===============================================================  =====================
+
+The default (``engine=None``, no ``--engine``) is ``CLAP_FAST_ENGINE`` when set, else ``eager``
+in fp32: embeddings equal LAION's to float tolerance on every machine, which is this project's
+first promise. ``auto`` (``engine="auto"``, ``--engine auto`` or ``CLAP_FAST_ENGINE=auto``) is the
+fast choice for CPU inference when reduced precision (cos ≥ 0.9999 to fp32) is acceptable.
+
+``auto`` decides from the CPU's capabilities, never by timing at run time:
+
+1. ``CLAP_FAST_ENGINE`` set in the environment -> that engine;
+2. the model is not on the CPU -> ``eager`` (Triton kernels on a GPU);
+3. the caller passed ``autocast`` -> ``eager`` under it;
+4. the CPU has bf16 dot-product units (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)
+   -> ``bf16`` (measured here 2.0–2.25× fp32 eager for HTSAT-tiny audio, 1.7–1.9× for
+   RoBERTa text, cos ≥ 0.9999);
+5. otherwise -> ``eager``. On the AVX2-only machine of issue 21, bf16 autocast was 6× slower
+   than fp32 (emulated), onnxruntime 0.98× and OpenVINO 1.06× eager: nothing measured there
+   beats fp32 eager reliably, and auto never picks a path that may be slower.
+
+The int8, onnx, openvino and compile engines are for callers who ask for them (they export or
+compile on first use, seconds to minutes). Exported engines return L2-normalised embeddings, so
+they need ``normalize=True``. Built graphs are cached per model and rebuilt when its weights
+change (in-place updates bump the parameters' version counters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ENGINES",
+    "EXPORTED",
+    "INT8_MIN_COSINE",
+    "CpuInfo",
+    "Choice",
+    "cpu_info",
+    "auto_engine",
+    "select",
+    "clear_cache",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "int8")
+"""Values of ``engine=`` in the ``embed_*`` calls and of ``clap-fast … --engine``."""
+EXPORTED = ("onnx", "openvino", "int8")
+"""Engines that run an exported graph (CPU only; L2-normalised outputs)."""
+INT8_MIN_COSINE = 0.999
+"""Bound on the row-wise cosine of int8 audio embeddings to fp32 eager (issue 21)."""
+ENV = "CLAP_FAST_ENGINE"
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What this CPU offers, as the OS and PyTorch see it."""
+
+    model: str
+    """``model name`` of /proc/cpuinfo (platform's processor elsewhere)."""
+    flags: frozenset[str] = field(default_factory=frozenset)
+    """ISA flags of /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
+    capability: str = ""
+    """``torch.backends.cpu.get_cpu_capability()``: the ATen kernels' ISA (AVX2, AVX512, …)."""
+
+    @property
+    def bf16_units(self) -> bool:
+        """Native bf16 dot products (AVX512-BF16 or AMX-BF16); without them bf16 is emulated."""
+        return any(f in self.flags for f in _BF16_FLAGS)
+
+    @property
+    def int8_dot(self) -> bool:
+        """VNNI / AMX int8 dot products (without them int8 GEMMs saturate: reduce_range)."""
+        return any(f in self.flags for f in _INT8_DOT_FLAGS)
+
+    def isa(self) -> str:
+        """Short summary for logs and reports, e.g. 'AVX512 avx2 avx512f avx512_bf16 …'."""
+        keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *_BF16_FLAGS, "amx_int8")
+        return " ".join([self.capability, *[f for f in keep if f in self.flags]]).strip()
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU (read once per process)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability())
+
+
+def auto_engine(
+    device: torch.device,
+    *,
+    autocast: torch.dtype | None = None,
+    info: CpuInfo | None = None,
+) -> tuple[str, str]:
+    """``auto``'s rules (module docstring): (engine, reason)."""
+    env = os.environ.get(ENV)
+    if env and env != "auto":
+        if env not in ENGINES[1:]:
+            raise ValueError(f"{ENV}={env!r} is not an engine; use one of {ENGINES[1:]}")
+        return env, f"{ENV}={env}"
+    if device.type != "cpu":
+        return "eager", f"model on {device.type}: PyTorch with the device's kernels"
+    if autocast is not None:
+        return "eager", f"autocast={autocast} given by the caller"
+    info = info or cpu_info()
+    if info.bf16_units:
+        return "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
+    return "eager", (
+        f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "
+        "(bf16 would be emulated and slower; no other engine is reliably faster)"
+    )
+
+
+@dataclass
+class Choice:
+    """An engine picked for one tower of one model, ready to run."""
+
+    engine: str
+    reason: str
+    dtype: torch.dtype | None = None
+    """Autocast dtype around the call (eager / bf16 / compile), None for fp32."""
+    encode: Callable[..., torch.Tensor] | None = None
+    """Replaces ``model.encode_audio`` / ``encode_text`` (same signature); None: the model's."""
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast context of this choice; for fp32 a no-op that leaves a caller's own
+        enclosing autocast in force (``torch.autocast(enabled=False)`` would switch it off)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+# model -> {(engine, tower): (weights fingerprint, encode)}; weak: dies with the model
+_BUILT: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_LOGGED: set[tuple] = set()
+
+
+def _fingerprint(model: nn.Module) -> int:
+    """Changes when a parameter or buffer is replaced or updated in place."""
+    return hash(
+        tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+    )
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Drop built engines (of one model, or of all)."""
+    if model is None:
+        _BUILT.clear()
+    else:
+        _BUILT.pop(model, None)
+
+
+def select(
+    model: nn.Module,
+    engine: str | None,
+    tower: str,
+    *,
+    normalize: bool = True,
+    autocast: torch.dtype | None = None,
+) -> Choice:
+    """Resolve ``engine`` for ``tower`` ("audio" | "text") of ``model``; build it if needed.
+
+    Raises ValueError for an unknown engine, an exported engine with ``normalize=False`` or on
+    a GPU model, and ``autocast`` combined with an engine other than eager.
+    """
+    from clap_fast import ops
+
+    if engine is None:  # the default: LAION's fp32 numbers unless the environment says otherwise
+        engine = os.environ.get(ENV) or "eager"
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if tower not in ("audio", "text"):
+        raise ValueError(f"tower must be 'audio' or 'text', got {tower!r}")
+    device = ops.device_of(model)
+    if engine == "auto":
+        engine, reason = auto_engine(device, autocast=autocast)
+        if engine in EXPORTED and not normalize:
+            engine, reason = "eager", f"{reason}; normalize=False needs a PyTorch engine"
+    else:
+        reason = "requested"
+    if autocast is not None and engine != "eager":
+        raise ValueError(f"autocast={autocast} only applies to engine='eager', not {engine!r}")
+    if engine in EXPORTED:
+        if not normalize:
+            raise ValueError(
+                f"engine {engine!r} returns L2-normalised embeddings; use normalize=True or "
+                "engine='eager' / 'bf16' / 'compile'"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"engine {engine!r} runs on the CPU; the model is on {device}")
+    if engine == "bf16" and device.type == "cpu" and not cpu_info().bf16_units:
+        _log_once(
+            (engine, "emulated"),
+            logging.WARNING,
+            "engine 'bf16' on a CPU without bf16 units (%s): emulated, usually slower than fp32",
+            cpu_info().isa(),
+        )
+    _log_once(
+        (id(model), tower, engine, reason),
+        logging.INFO,
+        "%s engine: %s (%s)",
+        tower,
+        engine,
+        reason,
+    )
+    dtype = torch.bfloat16 if engine == "bf16" else autocast
+    encode = None if engine in ("eager", "bf16") else _built(model, engine, tower)
+    return Choice(engine, reason, dtype, encode)
+
+
+def _built(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:
+    from clap_fast import engine_runtimes
+
+    key, fp = (engine, tower), _fingerprint(model)
+    entry = _BUILT.setdefault(model, {}).get(key)
+    if entry is None or entry[0] != fp:
+        if entry is not None:
+            log.info("weights changed: rebuilding the %s %s engine", tower, engine)
+        entry = (fp, engine_runtimes.build(model, engine, tower))
+        _BUILT[model][key] = entry
+    return entry[1]
+
+
+def _log_once(key: tuple, level: int, msg: str, *args) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.log(level, msg, *args)

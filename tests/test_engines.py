@@ -1,0 +1,202 @@
+"""Inference engines (clap_fast.engines): auto's rules, validation, and each engine's fidelity
+to fp32 eager on tiny models (exported engines export once per test module)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from clap_fast import engine_runtimes, engines
+from clap_fast.cli import main
+from clap_fast.engines import INT8_MIN_COSINE, CpuInfo, auto_engine
+from clap_fast.synth import generate_clip
+from tests.helpers import randomize_bn, signals, small_model
+
+pytest.importorskip("onnxruntime")
+
+AVX2 = CpuInfo("test avx2", frozenset({"avx2", "fma"}), "AVX2")
+BF16 = CpuInfo("test bf16", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}), "AVX512")
+AMX = CpuInfo("test amx", frozenset({"avx2", "amx_bf16", "amx_int8"}), "AVX512")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv(engines.ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = small_model()
+    randomize_bn(m)
+    return m
+
+
+@pytest.fixture(scope="module")
+def synth_clips() -> list[np.ndarray]:
+    """Built-in sound set: one clip per class, 3–12 s (two longer than 10 s: sliding windows)."""
+    return [generate_clip(i, seed=3, split="engines").waveform for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    from export.encoders import sample_tokens
+
+    return sample_tokens(model, 5, seed=1)
+
+
+def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a.double(), b.double(), dim=-1).min())
+
+
+# ----------------------------------------------------------------------------- auto's rules
+@pytest.mark.parametrize(
+    ("info", "device", "autocast", "want"),
+    [
+        (BF16, CPU, None, "bf16"),
+        (AMX, CPU, None, "bf16"),
+        (AVX2, CPU, None, "eager"),
+        (CpuInfo("no /proc/cpuinfo"), CPU, None, "eager"),
+        (BF16, CPU, torch.float16, "eager"),
+        (BF16, torch.device("cuda"), None, "eager"),
+    ],
+)
+def test_auto_rules(no_env, info, device, autocast, want):
+    engine, reason = auto_engine(device, autocast=autocast, info=info)
+    assert engine == want and reason
+
+
+def test_auto_env_override(monkeypatch):
+    monkeypatch.setenv(engines.ENV, "int8")
+    assert auto_engine(CPU, info=BF16)[0] == "int8"
+    monkeypatch.setenv(engines.ENV, "fast")
+    with pytest.raises(ValueError, match="CLAP_FAST_ENGINE"):
+        auto_engine(CPU, info=BF16)
+
+
+def test_cpu_info_reads_this_machine():
+    info = engines.cpu_info()
+    assert info.capability == torch.backends.cpu.get_cpu_capability()
+    assert info.bf16_units == any(f in info.flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def test_select_validates(model):
+    with pytest.raises(ValueError, match="engine must be one of"):
+        engines.select(model, "tensorrt", "audio")
+    with pytest.raises(ValueError, match="normalize=True"):
+        engines.select(model, "int8", "audio", normalize=False)
+    with pytest.raises(ValueError, match="autocast"):
+        engines.select(model, "bf16", "audio", autocast=torch.bfloat16)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        model.embed_audio(signals(1, 48000), engine="fast")
+
+
+def test_default_is_fp32_eager_and_auto_is_opt_in(no_env, model, caplog, monkeypatch):
+    """No engine given: fp32 eager (LAION's numbers on every CPU); auto when asked, by argument
+    or by CLAP_FAST_ENGINE=auto, and it says what it picked and why."""
+    x = signals(2, 96000)
+    assert engines.select(model, None, "audio").engine == "eager"
+    want = auto_engine(CPU)[0]
+    with caplog.at_level("INFO", logger="clap_fast.engines"):
+        got = model.embed_audio(x, engine="auto")
+    assert f"audio engine: {want}" in caplog.text  # auto says what it picked and why
+    torch.testing.assert_close(got, model.embed_audio(x, engine=want), rtol=0, atol=0)
+    monkeypatch.setenv("CLAP_FAST_ENGINE", "auto")
+    assert engines.select(model, None, "audio").engine == want
+    # normalize=False never lands on an exported engine (they return normalised rows)
+    assert engines.select(model, "auto", "audio", normalize=False).engine in ("eager", "bf16")
+
+
+# ------------------------------------------------------------------------------ fidelity
+def test_bf16_engine(model, synth_clips, tokens):
+    ref = model.embed_audio(synth_clips, engine="eager")
+    assert _min_cos(model.embed_audio(synth_clips, engine="bf16"), ref) >= 0.999
+    ids, mask = tokens
+    t_ref = model.embed_text_tokens(ids, mask, engine="eager")
+    assert _min_cos(model.embed_text_tokens(ids, mask, engine="bf16"), t_ref) >= 0.999
+
+
+def test_int8_engine_fidelity_on_the_sound_set(model, synth_clips, tokens):
+    """int8 audio embeddings of the built-in sound set within INT8_MIN_COSINE of fp32."""
+    ref = model.embed_audio(synth_clips, engine="eager", batch_size=4)
+    got = model.embed_audio(synth_clips, engine="int8", batch_size=4)
+    assert got.shape == ref.shape
+    assert _min_cos(got, ref) >= INT8_MIN_COSINE
+    assert not torch.equal(got, ref)  # it did run a quantised graph
+    ids, mask = tokens
+    t_ref = model.embed_text_tokens(ids, mask, engine="eager")
+    assert _min_cos(model.embed_text_tokens(ids, mask, engine="int8"), t_ref) >= INT8_MIN_COSINE
+
+
+def test_int8_quantises_only_linear_layers(model, tmp_path):
+    from export.onnx import export_tower
+
+    path = export_tower(model, "audio", tmp_path, verify_batches=(1,)).path
+    nodes = engine_runtimes.int8_nodes(path)
+    linear = sum(
+        isinstance(m, torch.nn.Linear)
+        for part in (model.audio_branch.layers, model.audio_projection)
+        for m in part.modules()
+    )
+    assert len(nodes) == linear
+    assert not any(n.startswith(engine_runtimes.FRONT_END_SCOPE) for n in nodes)
+    assert not any(n.endswith("attn/MatMul") or n.endswith("attn/MatMul_1") for n in nodes)
+
+
+def test_onnx_engine_is_exact_cached_and_rebuilt_on_new_weights(model, synth_clips):
+    clips = synth_clips[:3]
+    ref = model.embed_audio(clips, engine="eager")
+    got = model.embed_audio(clips, engine="onnx")
+    assert _min_cos(got, ref) >= 0.99999
+    built = engines._BUILT[model][("onnx", "audio")]
+    model.embed_audio(clips[:1], engine="onnx")
+    assert engines._BUILT[model][("onnx", "audio")] is built  # no second export
+    model.train()
+    try:
+        with torch.no_grad():
+            model.audio_projection[0].weight.mul_(-1.0)  # in place: the version counter moves
+        again = model.embed_audio(clips, engine="onnx")
+        assert engines._BUILT[model][("onnx", "audio")] is not built
+        assert model.training and model.audio_branch.training  # modes given back
+        assert _min_cos(again, ref) < 0.999  # the new weights are the ones that ran
+        model.eval()
+        assert _min_cos(again, model.embed_audio(clips, engine="eager")) >= 0.99999
+    finally:
+        with torch.no_grad():
+            model.audio_projection[0].weight.mul_(-1.0)
+        model.eval()
+
+
+def test_openvino_engine(model, synth_clips, tokens):
+    pytest.importorskip("openvino")
+    clips = synth_clips[:2]
+    ref = model.embed_audio(clips, engine="eager")
+    assert _min_cos(model.embed_audio(clips, engine="openvino"), ref) >= 0.99999
+    ids, mask = tokens
+    t_ref = model.embed_text_tokens(ids, mask, engine="eager")
+    assert _min_cos(model.embed_text_tokens(ids, mask, engine="openvino"), t_ref) >= 0.99999
+
+
+@pytest.mark.slow
+def test_compile_engine_pads_batches(model, tokens):
+    ids, mask = tokens  # 5 rows: padded to 8, one graph
+    ref = model.embed_text_tokens(ids, mask, engine="eager")
+    got = model.embed_text_tokens(ids, mask, engine="compile")
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def test_cli_engine_flag(tmp_path):
+    model = small_model(text="transformer")
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "a.wav", signals(1, 48000)[0].numpy(), 48000)
+    args = ["embed", str(tmp_path / "audio"), "--checkpoint", str(tmp_path / "ckpt")]
+    assert main([*args, "--out", str(tmp_path / "e.npy"), "--engine", "bf16"]) == 0
+    want = model.embed_audio_files([tmp_path / "audio" / "a.wav"], progress=False, engine="bf16")
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want.numpy(), atol=1e-6)
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(tmp_path / "f.npy"), "--engine", "fast"])
