@@ -100,7 +100,7 @@ def _env() -> dict[str, str]:
 _ONE = """
 import json, kernels.contrastive as C
 from kernels.sass import compile_spec
-spec = next(s for s in C.report_specs() if s["dtype"] == "bf16" and s["config"].startswith("fwd"))
+spec = next(s for s in C.report_specs() if s["dtype"] == "bf16" and "fwd" in s["fn"].__name__)
 print(json.dumps(compile_spec(spec).as_dict()))
 """
 
