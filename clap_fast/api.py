@@ -79,6 +79,10 @@ class InferenceMixin:
         if frames:
             from clap_fast.frames import embed_frames
 
+            if autocast is not None or engine not in (None, "eager"):
+                raise ValueError(
+                    "frames=True runs the fp32 eager model: leave autocast and engine unset"
+                )
             return embed_frames(
                 self, waveforms, sample_rate, normalize=normalize, channels=channels
             )
@@ -142,14 +146,17 @@ class InferenceMixin:
         strict: bool = False,
         progress: bool = True,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list:
         """Embeddings (N, 512) of audio files, row i for paths[i].
 
         Files are decoded with soundfile (wav / flac / ogg), downmixed by mean and resampled to
         48 kHz in ``num_workers`` threads. A file that cannot be decoded is logged by name and
         counted; its row is NaN (``strict=True`` raises instead). ``self.last_failures`` holds
-        {path: reason} of the last call. Other keyword arguments go to ``embed_audio``.
+        {path: reason} of the last call. Other keyword arguments go to ``embed_audio``; with
+        ``frames=True`` the result is a list with one ``Frames`` per path (None where decoding
+        failed).
         """
+        frames = bool(kwargs.get("frames"))
         if isinstance(paths, (str, bytes, os.PathLike)):
             raise ValueError(f"paths must be a list of files, got the single path {paths!r}")
         paths = [str(p) for p in paths]
@@ -157,7 +164,11 @@ class InferenceMixin:
             raise ValueError("no audio files given")
         batch_size = validate.check_positive_int(batch_size, "batch_size")
         sr = self.cfg.audio.sample_rate
-        out = torch.full((len(paths), self.cfg.joint_embed_shape), float("nan"))
+        out: torch.Tensor | list = (
+            [None] * len(paths)
+            if frames
+            else torch.full((len(paths), self.cfg.joint_embed_shape), float("nan"))
+        )
         failures: dict[str, str] = {}
 
         def decode(p: str):
@@ -184,7 +195,12 @@ class InferenceMixin:
                         log.warning("could not decode %s: %s", paths[i], d)
                 if ok:
                     clips = [d for d in decoded if isinstance(d, torch.Tensor)]
-                    out[ok] = self.embed_audio(clips, sr, batch_size=batch_size, **kwargs)
+                    got = self.embed_audio(clips, sr, batch_size=batch_size, **kwargs)
+                    if frames:  # a list of Frames, one per decoded clip
+                        for i, f in zip(ok, got):
+                            out[i] = f
+                    else:
+                        out[ok] = got
                 bar.update(len(idx))
         bar.close()
         if failures:

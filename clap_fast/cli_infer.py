@@ -1,6 +1,7 @@
 """``clap-fast embed | zero-shot | search``: inference from the command line.
 
 clap-fast embed AUDIO_DIR_OR_LIST --checkpoint 630k-audioset-best --out emb.npy
+clap-fast embed AUDIO_DIR --checkpoint ckpt.pt --frames --out frames.parquet  # per 0.3125 s
 clap-fast zero-shot AUDIO_DIR --labels dog rain car --checkpoint ckpt.pt
 clap-fast search emb.npy --query "a dog barks" --checkpoint ckpt.pt --top 5
 """
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clap_fast.engines import ENGINES
@@ -170,11 +172,21 @@ def embed_main(argv: list[str]) -> int:
         "--out", required=True, type=Path, help="output .npy (+ .paths.txt) or .parquet"
     )
     parser.add_argument("--strict", action="store_true", help="stop at the first undecodable file")
+    parser.add_argument(
+        "--frames",
+        action="store_true",
+        help="frame embeddings (0.3125 s steps, HTS-AT, fp32 eager) instead of one per file: one "
+        "row per frame with its start time; needs --out .parquet",
+    )
     _model_args(parser)
     args = parser.parse_args(argv)
     from clap_fast import validate
 
     _check(parser, validate.check_output_file, args.out, (".npy", ".parquet"))
+    if args.frames and args.out.suffix != ".parquet":
+        parser.error("--frames writes one row per frame (path, time, embedding): use --out .parquet")
+    if args.frames and (args.engine not in (None, "eager") or args.precision != "fp32"):
+        parser.error("--frames runs the fp32 eager model: leave --engine and --precision unset")
     _check_device(parser, args.device)
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out.suffix == ".parquet":
@@ -183,6 +195,10 @@ def embed_main(argv: list[str]) -> int:
     files, skipped = scan_audio_files(args.source)
     model = _load_model(args)
     _check_long_audio(parser, model, args)
+    if args.frames and (model.cfg.audio.model_type != "HTSAT" or model.cfg.enable_fusion):
+        parser.error("--frames needs a non-fusion HTS-AT model")
+    if args.frames:
+        kwargs = {"num_workers": kwargs["num_workers"], "frames": True}
     try:
         emb = model.embed_audio_files(
             files, batch_size=args.batch_size, strict=args.strict, **kwargs
@@ -190,6 +206,8 @@ def embed_main(argv: list[str]) -> int:
     except ValueError as exc:  # --strict: the first undecodable file stops the run, by name
         sys.stderr.write(f"clap-fast embed: error: {exc}\n")
         return 1
+    if args.frames:
+        return _write_frames(args, model, files, emb, skipped)
     ok = torch.isfinite(emb).all(dim=1)
     names = [str(f) for f, good in zip(files, ok.tolist()) if good]
     from clap_fast.embed_files import model_identity, write_embeddings
@@ -200,6 +218,32 @@ def embed_main(argv: list[str]) -> int:
         if not good and str(f) not in dropped:  # decoded, but the model gave NaN / inf
             dropped[str(f)] = "non-finite embedding (NaN or inf from the model)"
     log.info("embedded %d of %d files into %s", len(names), len(files), args.out)
+    return _report_dropped(args, dropped, len(files) + len(skipped))
+
+
+def _write_frames(args, model, files: list[Path], frames: list, skipped: dict[str, str]) -> int:
+    """--frames: one parquet row per frame (path, time, embedding) and the model identity."""
+    from clap_fast.embed_files import model_identity, write_embeddings
+
+    dropped = {**skipped, **model.last_failures}
+    names, times, rows = [], [], []
+    for f, fr in zip(files, frames):
+        if fr is None:
+            continue
+        good = torch.isfinite(fr.embeddings).all(dim=1)
+        if not bool(good.all()):
+            dropped[str(f)] = "non-finite frame embedding (NaN or inf from the model)"
+            continue
+        names += [str(f)] * len(fr.times)
+        times.append(fr.times)
+        rows.append(fr.embeddings)
+    if rows:
+        emb, t = torch.cat(rows).numpy(), torch.cat(times).numpy()
+    else:
+        emb, t = np.zeros((0, model.cfg.joint_embed_shape), np.float32), np.zeros(0, np.float32)
+    identity = {**model_identity(model, args.checkpoint), "frames": True}
+    write_embeddings(args.out, names, emb, identity, times=t)
+    log.info("embedded %d frames of %d files into %s", len(names), len(rows), args.out)
     return _report_dropped(args, dropped, len(files) + len(skipped))
 
 

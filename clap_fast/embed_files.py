@@ -11,6 +11,10 @@ metadata (key ``clap_fast``) or in a JSON sidecar ``<name>.model.json`` next to 
                      the same value whatever file format they came from
   checkpoint         what was passed to --checkpoint (None: random weights)
   checkpoint_sha256  sha256 of that file (or of a folder's weight files), when it is local
+
+``clap-fast embed --frames`` writes one Parquet row per frame with a ``time`` column (start
+seconds); ``read_embeddings`` names such rows ``path#t=<seconds>`` (W3C media fragments), so
+``search`` ranks frames.
 """
 
 from __future__ import annotations
@@ -101,9 +105,14 @@ def sidecar_path(npy: Path) -> Path:
     return npy.with_suffix(".model.json")
 
 
-def write_embeddings(out: Path, names: list[str], emb: np.ndarray, identity: dict) -> None:
+def write_embeddings(
+    out: Path, names: list[str], emb: np.ndarray, identity: dict, times: np.ndarray | None = None
+) -> None:
     """``.parquet`` (path, embedding columns; identity in the schema metadata) or ``.npy``
-    (+ ``.paths.txt`` and the ``.model.json`` sidecar)."""
+    (+ ``.paths.txt`` and the ``.model.json`` sidecar). ``times`` (frame start seconds, one per
+    row; parquet only) adds a ``time`` column."""
+    if times is not None and out.suffix != ".parquet":
+        raise ValueError(f"frame embeddings (with times) are written as .parquet, got {out}")
     if out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -111,7 +120,10 @@ def write_embeddings(out: Path, names: list[str], emb: np.ndarray, identity: dic
         emb = np.ascontiguousarray(emb, dtype=np.float32)
         d = emb.shape[1] if emb.ndim == 2 else 0
         col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
-        table = pa.table({"path": names, "embedding": col})
+        cols = {"path": names, "embedding": col}
+        if times is not None:
+            cols = {"path": names, "time": pa.array(np.asarray(times, np.float32)), "embedding": col}
+        table = pa.table(cols)
         table = table.replace_schema_metadata({META_KEY: json.dumps(identity).encode()})
         pq.write_table(table, out)
     elif out.suffix == ".npy":
@@ -155,7 +167,7 @@ def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict | None]:
     bad = int((~np.isfinite(emb).all(axis=1)).sum())
     if bad:
         raise ValueError(f"{path}: {bad} rows hold NaN or inf")
-    return names, emb.astype(np.float32, copy=False), identity
+    return names, np.require(emb, np.float32, ("C", "W")), identity  # Arrow buffers are read-only
 
 
 def _read_parquet(path: Path) -> tuple[list[str], np.ndarray, dict | None]:
@@ -166,7 +178,8 @@ def _read_parquet(path: Path) -> tuple[list[str], np.ndarray, dict | None]:
     except ImportError:
         raise ValueError("reading .parquet needs pyarrow (pip install pyarrow)") from None
     try:
-        table = pq.read_table(path, columns=["path", "embedding"])
+        has_time = "time" in pq.read_schema(path).names  # a `clap-fast embed --frames` file
+        table = pq.read_table(path, columns=["path", "embedding"] + ["time"] * has_time)
     except KeyError as exc:
         raise ValueError(f"{path}: no {exc} column (not written by clap-fast embed)") from None
     except Exception as exc:
@@ -191,6 +204,9 @@ def _read_parquet(path: Path) -> tuple[list[str], np.ndarray, dict | None]:
         raise ValueError(f"{path}: the embedding column is {col.type}, not a list of floats")
     emb = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, d)
     names = [str(x) for x in table.column("path").to_pylist()]
+    if has_time:  # frames: W3C media-fragment names, path#t=<start seconds>
+        times = table.column("time").to_numpy()
+        names = [f"{n}#t={t:.2f}" for n, t in zip(names, times)]
     meta = (table.schema.metadata or {}).get(META_KEY)
     return names, emb, json.loads(meta) if meta else None
 

@@ -16,4 +16,10 @@ tf5=(env PYTHONPATH="$root/.cache/transformers5")
 "${tf5[@]}" .venv/bin/python -c 'import sys, transformers; sys.exit(transformers.__version__[0] != "5")'
 "${tf5[@]}" .venv/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_model.py tests/test_checkpoint.py tests/test_audio_api.py
+# The checkpoint and drop-in tests again with numpy 1.26 (laion_clap pins numpy < 2; we declare
+# numpy >= 1.26): the serving venv of scripts/setup_serve.sh holds numpy 1.26 over this venv.
+np1="${CLAP_FAST_SERVE_ENV:-$root/.cache/serve-env}/bin/python"
+"$np1" -c 'import sys, numpy; sys.exit(numpy.__version__[0] != "1")'
+"$np1" -m pytest -q -p no:cacheprovider \
+  tests/test_checkpoint.py tests/test_compat_laion.py tests/test_hf_format.py
 .venv/bin/python -m pytest -q bench --benchmark-disable -p no:cacheprovider

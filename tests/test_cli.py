@@ -135,3 +135,35 @@ def test_bad_source_is_a_clear_error(tmp_path):
         main(["nope"])
     assert exc.value.code == 2
     assert main([]) == 2
+
+
+def test_embed_frames(setup, capsys):
+    """--frames: one parquet row per 0.3125 s frame, equal to embed_audio(frames=True);
+    search ranks the frames (path#t=seconds)."""
+    pa = pytest.importorskip("pyarrow.parquet")
+    root, model = setup
+    ck = ["--checkpoint", str(root / "ckpt")]
+    with pytest.raises(SystemExit) as e:  # frames need a parquet file (a time per row)
+        main(["embed", str(root / "audio"), *ck, "--frames", "--out", str(root / "f.npy")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["embed", str(root / "audio"), *ck, "--frames", "--precision", "bf16",
+              "--out", str(root / "f.parquet")])  # fmt: skip
+    assert e.value.code == 2
+    out = root / "f.parquet"
+    assert main(["embed", str(root / "audio"), *ck, "--frames", "--out", str(out)]) == 0
+    table = pa.read_table(out)
+    assert table.column_names == ["path", "time", "embedding"]
+    paths = table.column("path").to_pylist()
+    a = [i for i, p in enumerate(paths) if p.endswith("a.wav")]
+    want = model.embed_audio(sf.read(root / "audio" / "a.wav")[0], frames=True)[0]
+    times = table.column("time").to_numpy()[a]
+    np.testing.assert_allclose(times, want.times.numpy())
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)[a])
+    np.testing.assert_allclose(emb, want.embeddings.numpy(), atol=1e-5)
+    assert len(a) == 4 and len(paths) == 4 + 4 + 5  # frames start every 0.3125 s in 1, 1, 1.5 s
+    capsys.readouterr()
+    pytest.importorskip("open_clip")
+    assert main(["search", str(out), "--query", "a tone", "--top", "3", *ck]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all("#t=" in line for line in lines)

@@ -135,6 +135,24 @@ def test_fsdp2_two_process_learns(reference: Path) -> None:
     assert model.cfg.audio.htsat.embed_dim == 8
 
 
+def test_short_fine_tune_stops_reading_and_warns(data: Path, reference: Path, tmp_path: Path) -> None:
+    """--max-steps 2 of a 16-step epoch: the loader stops (the rest of the epoch is neither
+    decoded nor counted), the default-length warm-up is flagged, --pretrained is logged."""
+    args = COMMON + ["--datasetpath", str(data), "--epochs", "1", "--max-steps", "2"]
+    args += ["--pretrained", str(reference / "checkpoints" / "final_laion.pt"), "--no-eval"]
+    args += ["--warmup", "10000", "--logdir", str(tmp_path), "--name", "ft"]  # later wins
+    p = subprocess.run([PY, "-m", "clap_fast.train", *args], env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    log = (tmp_path / "ft" / "out.log").read_text()
+    assert "--pretrained: loaded" in log and "HTSAT-mini" in log
+    assert "--warmup 10000 is not shorter than the run's 2 steps" in log
+    data_entry = [r for r in _results(tmp_path / "ft") if r["kind"] == "data"][0]
+    assert data_entry["stopped_at_max_steps"] is True
+    # 2 steps x 8 clips, plus what the one worker had prefetched; not the epoch's 128
+    assert 16 <= data_entry["clips"] <= 64, data_entry
+
+
 def test_kill_and_resume_matches_uninterrupted(data: Path, reference: Path, tmp_path: Path) -> None:
     args = COMMON + ["--datasetpath", str(data), "--epochs", "4", "--val-frequency", "4"]
     args += ["--zeroshot-folder", str(data / "folder"), "--save-every-n-steps", "4"]

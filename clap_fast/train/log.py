@@ -119,14 +119,19 @@ class Reporter:
             self.record({"epoch": epoch, "step": step, "kind": "eval", **metrics})
             self.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
 
-    def epoch_end(self, stats: SkipStats, meter: Throughput, epoch: int) -> dict[str, Any]:
-        """The epoch's data report: skips summed over ranks (recorded), loader speed per rank."""
+    def epoch_end(
+        self, stats: SkipStats, meter: Throughput, epoch: int, stopped: bool = False
+    ) -> dict[str, Any]:
+        """The epoch's data report: skips summed over ranks (recorded), loader speed per rank.
+        ``stopped``: --max-steps ended the epoch early; the counts cover what was read so far."""
         d, total = self.d, SkipStats()
         for s in all_gather_object(stats.to_dict(), d):
             total.merge(s)
         loss = meter.epoch_loss / max(1, meter.epoch_steps)
         entry = {"epoch": epoch, "kind": "data", "train_loss": loss, "skipped": dict(total.counts),
                  "clips": total.clips, "skipped_items": [list(x) for x in total.details]}  # fmt: skip
+        if stopped:
+            entry["stopped_at_max_steps"] = True
         if d.main:
             if total.counts:
                 log.warning("epoch %d: skipped %s", epoch, dict(total.counts))
@@ -134,6 +139,9 @@ class Reporter:
                     log.warning("  skipped (%s) %s :: %s", reason, shard, member)
             else:
                 log.info("epoch %d: no bad samples", epoch)
+            if stopped:
+                log.info("epoch %d: stopped at --max-steps; the rest of the epoch was not read "
+                         "(its samples are neither decoded nor counted)", epoch)  # fmt: skip
             self.record(entry)
         epoch_s = time.perf_counter() - meter.epoch_t
         if stats.busy_s > 0:

@@ -83,6 +83,10 @@ def build_model(cfg: TrainConfig) -> CLAP:
     """The CLAP model of the run (random init from ``--seed``, or ``--pretrained`` weights)."""
     if cfg.pretrained and cfg.pretrained.lower() != "openai":
         model = CLAP.from_pretrained(cfg.pretrained, device="cpu")
+        n = sum(p.numel() for p in model.parameters())
+        log.info("--pretrained: loaded %s (%s, %s text tower, %.1fM parameters, fusion %s)",
+                 cfg.pretrained, model.cfg.name, model.text_type, n / 1e6,
+                 "on" if model.cfg.enable_fusion else "off")  # fmt: skip
     else:
         if cfg.pretrained:
             log.warning(
@@ -253,6 +257,18 @@ def _train_data(cfg: TrainConfig, model_cfg: Any, d: Dist) -> tuple[WebAudioData
     return dataset, len(urls), cfg.train_num_samples or num
 
 
+def _warn_short_schedule(cfg: TrainConfig, total_steps: int, d: Dist) -> None:
+    """A warm-up as long as the run (e.g. the default 10 000 steps in a short fine-tune) never
+    reaches ``--lr``: say so, with the peak the schedule does reach."""
+    if cfg.skip_scheduler or cfg.warmup < total_steps or not d.main:
+        return
+    peak = cosine_lr(total_steps - 1, cfg.lr, cfg.warmup, total_steps)
+    log.warning("--warmup %d is not shorter than the run's %d steps: the learning rate only "
+                "reaches %.3g (%.2g%% of --lr %g); pass a smaller --warmup (e.g. %d) for a short "
+                "run", cfg.warmup, total_steps, peak, 100 * peak / cfg.lr, cfg.lr,
+                max(1, total_steps // 10))  # fmt: skip
+
+
 def _next_batch(it: Any, stats: SkipStats) -> dict[str, Any] | None:
     """This rank's next batch (None once its loader is exhausted); skip counts go to ``stats``."""
     for item in it:
@@ -309,6 +325,7 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     reporter = Reporter(cfg, ckpt_dir.parent, d)
     log.info("%d training shards, %d samples, ~%d steps/epoch, %d ranks, device %s",
              shards, num, steps_per_epoch, d.world, d.device)  # fmt: skip
+    _warn_short_schedule(cfg, total_steps, d)
     step, start_epoch, skip_batches, best = resume(cfg, ckpt_dir, wrapped, opt, d)
 
     last_metrics: dict[str, float] = {}
@@ -369,10 +386,12 @@ def train(cfg: TrainConfig) -> dict[str, float]:
                         "per epoch; the schedule assumes them) but the data gave %d batches",
                         epoch, num, steps_per_epoch, batches_in_epoch)  # fmt: skip
             reporter.record(short)
-        # drain: the epoch's remaining skip counts (batches past the sync point are dropped)
-        for item in it:
-            stats.merge(item["stats"])
-        reporter.epoch_end(stats, meter, epoch)
+        if done:  # --max-steps reached: stop the workers, never decode the rest of the epoch
+            del it
+        else:  # drain: the epoch's remaining skip counts (batches past the sync point are dropped)
+            for item in it:
+                stats.merge(item["stats"])
+        reporter.epoch_end(stats, meter, epoch, stopped=done)
         completed = epoch + 1
         metrics: dict[str, float] = {}
         if (
