@@ -184,7 +184,9 @@ def embed_main(argv: list[str]) -> int:
 
     _check(parser, validate.check_output_file, args.out, (".npy", ".parquet"))
     if args.frames and args.out.suffix != ".parquet":
-        parser.error("--frames writes one row per frame (path, time, embedding): use --out .parquet")
+        parser.error(
+            "--frames writes one row per frame (path, time, embedding): use --out .parquet"
+        )
     if args.frames and (args.engine not in (None, "eager") or args.precision != "fp32"):
         parser.error("--frames runs the fp32 eager model: leave --engine and --precision unset")
     _check_device(parser, args.device)

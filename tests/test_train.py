@@ -135,7 +135,9 @@ def test_fsdp2_two_process_learns(reference: Path) -> None:
     assert model.cfg.audio.htsat.embed_dim == 8
 
 
-def test_short_fine_tune_stops_reading_and_warns(data: Path, reference: Path, tmp_path: Path) -> None:
+def test_short_fine_tune_stops_reading_and_warns(
+    data: Path, reference: Path, tmp_path: Path
+) -> None:
     """--max-steps 2 of a 16-step epoch: the loader stops (the rest of the epoch is neither
     decoded nor counted), the default-length warm-up is flagged, --pretrained is logged."""
     args = COMMON + ["--datasetpath", str(data), "--epochs", "1", "--max-steps", "2"]
