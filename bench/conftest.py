@@ -9,6 +9,8 @@
   included) to ``DIR/pytest-benchmark.json`` unless ``--benchmark-json`` is given; turn it into
   reports with ``python -m bench.report DIR/pytest-benchmark.json --out bench/results/``.
 * Every benchmark in the JSON carries ``stats.p20`` / ``stats.p80`` computed from its rounds.
+* Cases of compiling providers (compiled, aoti, …) are marked ``slow`` (the CI smoke deselects
+  them; they compile for minutes on 2 cores).
 * ``gpu`` / ``cuda`` markers skip without CUDA; the ``sync`` and ``cuda_timer`` fixtures time GPU
   work (pytest-benchmark's host clock alone times only the kernel launches).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -81,7 +84,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
     yield
 
 
+# Providers that torch.compile or AOTInductor-package a model first (minutes on 2 cores): marked
+# ``slow`` so the CI smoke (``-m "not slow"``) leaves them out; real runs keep them.
+_COMPILING = re.compile(r"[\[-](compiled|aoti|naive_compiled|ref_compiled|ours_bf16_compiled)[\]-]")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _COMPILING.search(item.name):
+            item.add_marker(pytest.mark.slow)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
