@@ -2,7 +2,7 @@
 # Quick start, main job: train a small CLAP (HTSAT-mini audio + a 2-layer CLIP-style text tower)
 # on the built-in synthetic sound set with 2 processes (FSDP2; gloo on CPU, nccl on GPU), then
 # print held-out retrieval metrics (test split; chance R@10 = 10/64) and zero-shot accuracy on
-# the test clips written as a labelled folder. About 8 minutes on a 2-core CPU.
+# the test clips written as a labelled folder. About 5 minutes of training on a 2-core CPU.
 #
 # Environment overrides: DATA (default ./data), RUNS (default ./logs), NPROC (default 2),
 # EPOCHS (default 6), TRAIN_N (default 384; only used when the set is generated).

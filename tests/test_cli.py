@@ -167,3 +167,15 @@ def test_embed_frames(setup, capsys):
     assert main(["search", str(out), "--query", "a tone", "--top", "3", *ck]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all("#t=" in line for line in lines)
+
+
+def test_readme_and_quickstart_agree_on_its_duration():
+    """The quick start's duration is stated in two places; they must say the same."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pattern = r"[Aa]bout (\d+) minutes of training on a 2-core CPU"
+    script = re.findall(pattern, (root / "scripts" / "quickstart.sh").read_text())
+    readme = re.findall(pattern, (root / "README.md").read_text())
+    assert script and readme and set(script) == set(readme), (script, readme)
