@@ -3,7 +3,8 @@
 #
 #   bash bench/run_cpu.sh [OUTDIR]          # default OUTDIR: bench/results
 #   bash bench/run_cpu.sh --smoke           # CI: every benchmark once, untimed (pytest bench
-#                                           # --benchmark-disable), no report
+#                                           # --benchmark-disable -m "not slow": compiling
+#                                           # providers left out), no report
 #
 # Each bench/bench_*.py runs in its own pytest process (compile caches and memory do not leak
 # between suites); a failing suite is reported and the others still run. The raw
@@ -20,7 +21,7 @@ export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/.cache/inductor
 
 if [[ "${1:-}" == "--smoke" ]]; then
   shift
-  exec "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider "$@"
+  exec "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider -m "not slow" "$@"
 fi
 
 OUTDIR="${1:-bench/results}"

@@ -24,4 +24,4 @@ np1="${CLAP_FAST_SERVE_ENV:-$root/.cache/serve-env}/bin/python"
   tests/test_checkpoint.py tests/test_compat_laion.py tests/test_hf_format.py
 # Benchmark smoke: every case once; the compiling providers (marked slow) are left to real runs,
 # the model-level compile paths are covered by tests/test_export.py and tests/test_engines.py.
-.venv/bin/python -m pytest -q bench --benchmark-disable -p no:cacheprovider -m "not slow"
+bash bench/run_cpu.sh --smoke
