@@ -189,6 +189,8 @@ def embed_main(argv: list[str]) -> int:
         )
     if args.frames and (args.engine not in (None, "eager") or args.precision != "fp32"):
         parser.error("--frames runs the fp32 eager model: leave --engine and --precision unset")
+    if args.frames and args.long_audio:
+        parser.error("--frames covers long clips with 10 s windows every 10 s: drop --long-audio")
     _check_device(parser, args.device)
     _check(parser, validate.check_positive_int, args.batch_size, "--batch-size")
     if args.out.suffix == ".parquet":

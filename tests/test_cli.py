@@ -146,10 +146,11 @@ def test_embed_frames(setup, capsys):
     with pytest.raises(SystemExit) as e:  # frames need a parquet file (a time per row)
         main(["embed", str(root / "audio"), *ck, "--frames", "--out", str(root / "f.npy")])
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        main(["embed", str(root / "audio"), *ck, "--frames", "--precision", "bf16",
-              "--out", str(root / "f.parquet")])  # fmt: skip
-    assert e.value.code == 2
+    for extra in (["--precision", "bf16"], ["--long-audio", "first"], ["--engine", "onnx"]):
+        with pytest.raises(SystemExit) as e:
+            main(["embed", str(root / "audio"), *ck, "--frames", *extra,
+                  "--out", str(root / "f.parquet")])  # fmt: skip
+        assert e.value.code == 2
     out = root / "f.parquet"
     assert main(["embed", str(root / "audio"), *ck, "--frames", "--out", str(out)]) == 0
     table = pa.read_table(out)
