@@ -63,10 +63,22 @@ def clips(split: str, n: int) -> tuple[list[np.ndarray], list[list[str]], torch.
 
 
 def train(
-    model: clap_fast.CLAP, steps: int, n_train: int, batch: int, seed: int, lr: float
+    model: clap_fast.CLAP,
+    steps: int,
+    n_train: int,
+    batch: int,
+    seed: int,
+    lr: float,
+    cache: Path | None = None,
+    max_run_steps: int | None = None,
 ) -> list[float]:
     """AdamW steps of LAION's loss on prepared (first-window) train clips, with the quick
-    start's linear warm-up (``WARMUP`` steps) and logit-scale clamp."""
+    start's linear warm-up (``WARMUP`` steps) and logit-scale clamp.
+
+    With ``cache`` (a file), training resumes from it and saves model, optimiser, scheduler and
+    losses there every 10 steps (tensors only, loaded with ``weights_only=True``), so a long
+    run fits in several shorter commands; ``max_run_steps`` stops this call early (the caller
+    then exits with status 2: run the same command again to continue)."""
     waves, captions, _ = clips("train", n_train)
     prepared = prepare_batch(
         as_waveform_list(waves), model.cfg.audio, fusion=False, long_audio="first"
@@ -74,9 +86,18 @@ def train(
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
-    loss_fn, losses = ClipLoss(), []
+    loss_fn, losses, start = ClipLoss(), [], 0
+    if cache is not None and cache.exists():
+        state = torch.load(cache, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        warmup.load_state_dict(state["sched"])
+        g.set_state(state["rng"])
+        losses, start = [float(x) for x in state["losses"]], len(state["losses"])
+        log.info("resumed from %s at step %d", cache, start)
     model.train()
-    for step in range(steps):
+    stop = steps if max_run_steps is None else min(steps, start + max_run_steps)
+    for step in range(start, stop):
         idx = torch.randperm(n_train, generator=g)[:batch]
         pick = torch.randint(0, len(captions[0]), (batch,), generator=g)
         tok = model.tokenize([captions[i][j] for i, j in zip(idx.tolist(), pick.tolist())])
@@ -90,8 +111,24 @@ def train(
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step + 1, steps, losses[-1])
+        if cache is not None and ((step + 1) % 10 == 0 or step + 1 == stop):
+            _save(cache, model, opt, warmup, g, losses)
     model.eval()
     return losses
+
+
+def _save(cache: Path, model, opt, sched, g: torch.Generator, losses: list[float]) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    state = {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "rng": g.get_state(),
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
+    torch.save(state, tmp)
+    tmp.replace(cache)
 
 
 def evaluate(model: clap_fast.CLAP, engine: str, test) -> tuple[dict[str, float], torch.Tensor]:
@@ -119,8 +156,17 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model = clap_fast.create_model("HTSAT-mini", text="transformer", text_overrides=TEXT)
     t0 = time.perf_counter()
-    losses = train(model, args.steps, args.train, args.batch, args.seed, args.lr)
+    cache = None
+    if args.cache is not None:
+        cache = args.cache / f"fidelity_t{args.train}_b{args.batch}_lr{args.lr}_s{args.seed}.pt"
+    losses = train(
+        model, args.steps, args.train, args.batch, args.seed, args.lr, cache, args.max_run_steps
+    )
     train_s = time.perf_counter() - t0
+    if len(losses) < args.steps:
+        return {"unfinished": len(losses)}
+    if args.train_only:
+        return {"trained": len(losses)}
     test = clips("test", args.test)
     results, embs = {}, {}
     for engine in ENGINES:
@@ -197,10 +243,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument(
+        "--cache", type=Path, help="directory of a resumable training checkpoint (e.g. /tmp)"
+    )
+    p.add_argument(
+        "--max-run-steps", type=int, help="train at most this many steps per call (exit 2: rerun)"
+    )
+    p.add_argument("--train-only", action="store_true", help="stop after training (with --cache)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.pop(engines.ENV, None)
     rep = run(args)
+    if "unfinished" in rep:
+        log.info(
+            "trained %d of %d steps: run the same command again", rep["unfinished"], args.steps
+        )
+        return 2
+    if "trained" in rep:
+        log.info("trained %d steps; --train-only: no evaluation", rep["trained"])
+        return 0
     stem = args.out / f"int8_fidelity_cpu-{os.cpu_count()}core_{rep['date'][:10]}"
     args.out.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(rep, indent=2) + "\n")

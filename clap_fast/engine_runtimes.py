@@ -36,10 +36,11 @@ FRONT_END_SCOPE = "/frontend/"
 
 
 def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:
-    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "int8")."""
+    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "openvino_bf16" |
+    "int8")."""
     if engine == "compile":
         return _compiled(model, tower)
-    if engine not in ("onnx", "openvino", "int8"):
+    if engine not in ("onnx", "openvino", "openvino_bf16", "int8"):
         raise ValueError(f"no builder for engine {engine!r}")
     with tempfile.TemporaryDirectory(prefix="clap_fast_engine_") as tmp, _model_state(model):
         path = _export(model, tower, Path(tmp))
@@ -47,8 +48,8 @@ def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tens
             from clap_fast.engines import cpu_info
 
             path = quantize_int8(path, path.with_name(f"{path.stem}_int8.onnx"), cpu_info())
-        if engine == "openvino":
-            runner = OpenVinoRunner(path)
+        if engine in ("openvino", "openvino_bf16"):
+            runner = OpenVinoRunner(path, "bf16" if engine == "openvino_bf16" else "f32")
         else:
             from export.runners import OnnxRunner
 
@@ -183,10 +184,17 @@ def _check_int8(model: nn.Module, tower: str, encode: Callable[..., torch.Tensor
 
 # ------------------------------------------------------------------------------ runners
 class OpenVinoRunner:
-    """An OpenVINO CPU model compiled from an ONNX graph, at f32 inference precision (OpenVINO
-    would otherwise run bf16 on CPUs with bf16 units); ``run`` as ``export.runners.OnnxRunner``."""
+    """An OpenVINO CPU model compiled from an ONNX graph; ``run`` as ``export.runners.OnnxRunner``.
 
-    def __init__(self, path: str | Path) -> None:
+    ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: "f32" (engine ``openvino``: exact;
+    OpenVINO would otherwise pick bf16 by itself on CPUs with bf16 units) or "bf16" (engine
+    ``openvino_bf16``: matmuls and convolutions in bf16 with fp32 accumulation)."""
+
+    PRECISIONS = ("f32", "bf16")
+
+    def __init__(self, path: str | Path, precision: str = "f32") -> None:
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
         try:
             import openvino as ov
         except ImportError as exc:
@@ -195,7 +203,8 @@ class OpenVinoRunner:
             ) from exc
         core = ov.Core()
         ov_model = core.read_model(str(path))
-        self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.precision = precision
+        self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
 
     def run(self, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:

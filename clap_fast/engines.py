@@ -55,9 +55,11 @@ __all__ = [
     "ENGINES",
     "EXPORTED",
     "INT8_MIN_COSINE",
+    "AUTO_MIN_COSINE",
     "CpuInfo",
     "Choice",
     "cpu_info",
+    "openvino_available",
     "auto_engine",
     "select",
     "clear_cache",
@@ -65,14 +67,31 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "int8")
+ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "openvino_bf16", "int8")
 """Values of ``engine=`` in the ``embed_*`` calls and of ``clap-fast … --engine``."""
-EXPORTED = ("onnx", "openvino", "int8")
+EXPORTED = ("onnx", "openvino", "openvino_bf16", "int8")
 """Engines that run an exported graph (CPU only; L2-normalised outputs)."""
 INT8_MIN_COSINE = 0.999
 """Bound on the row-wise cosine of int8 audio embeddings to fp32 eager (issue 21)."""
+AUTO_MIN_COSINE = 0.9999
+"""What ``auto`` may cost: row-wise cosine to fp32 eager measured ≥ this for what it picks."""
 ENV = "CLAP_FAST_ENGINE"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+"""oneDNN's run-time ISA limit (the first one set wins), which PyTorch's matmuls obey."""
+_ONEDNN_NATIVE_BF16 = (
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)
+"""oneDNN ISA limits at or above AVX512_CORE_BF16: bf16 dot products stay native under them."""
+_ATEN_BELOW_AVX512 = ("DEFAULT", "AVX2")
 _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -85,12 +104,22 @@ class CpuInfo:
     flags: frozenset[str] = field(default_factory=frozenset)
     """ISA flags of /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
     capability: str = ""
-    """``torch.backends.cpu.get_cpu_capability()``: the ATen kernels' ISA (AVX2, AVX512, …)."""
+    """``torch.backends.cpu.get_cpu_capability()``: the ATen kernels' ISA (AVX2, AVX512, …),
+    lowered by ``ATEN_CPU_CAPABILITY``."""
+    onednn_max_isa: str = ""
+    """``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) upper-cased; empty when unset."""
 
     @property
     def bf16_units(self) -> bool:
-        """Native bf16 dot products (AVX512-BF16 or AMX-BF16); without them bf16 is emulated."""
-        return any(f in self.flags for f in _BF16_FLAGS)
+        """Native bf16 dot products (AVX512-BF16 or AMX-BF16) that PyTorch may use: the CPU has
+        them, oneDNN is not limited below AVX512_CORE_BF16 and ATen not below AVX512 (with
+        either limit, as on an AVX2-only CPU, bf16 is emulated and slower than fp32)."""
+        if not any(f in self.flags for f in _BF16_FLAGS):
+            return False
+        isa = self.onednn_max_isa
+        if isa and isa not in ("ALL", "DEFAULT") and isa not in _ONEDNN_NATIVE_BF16:
+            return False
+        return self.capability.upper() not in _ATEN_BELOW_AVX512
 
     @property
     def int8_dot(self) -> bool:
@@ -100,12 +129,13 @@ class CpuInfo:
     def isa(self) -> str:
         """Short summary for logs and reports, e.g. 'AVX512 avx2 avx512f avx512_bf16 …'."""
         keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *_BF16_FLAGS, "amx_int8")
-        return " ".join([self.capability, *[f for f in keep if f in self.flags]]).strip()
+        limit = [f"oneDNN≤{self.onednn_max_isa}"] if self.onednn_max_isa else []
+        return " ".join([self.capability, *[f for f in keep if f in self.flags], *limit]).strip()
 
 
-@functools.cache
-def cpu_info() -> CpuInfo:
-    """This machine's CPU (read once per process)."""
+def _read_proc_cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, ISA flags) of the first CPU in /proc/cpuinfo; the platform's processor name
+    and no flags where there is no such file."""
     import platform
 
     model, flags = platform.processor() or platform.machine(), frozenset()
@@ -120,7 +150,23 @@ def cpu_info() -> CpuInfo:
                     break
     except OSError:
         pass
-    return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability())
+    return model, flags
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU and the ISA limits set in the environment (read once per process;
+    ``cpu_info.cache_clear()`` re-reads)."""
+    model, flags = _read_proc_cpuinfo()
+    limit = next((os.environ[k] for k in ONEDNN_ISA_ENV if os.environ.get(k)), "")
+    return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability(), limit.strip().upper())
+
+
+def openvino_available() -> bool:
+    """OpenVINO importable (the optional ``clap_fast[openvino]`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def auto_engine(
@@ -128,8 +174,10 @@ def auto_engine(
     *,
     autocast: torch.dtype | None = None,
     info: CpuInfo | None = None,
+    tower: str = "audio",
+    openvino: bool | None = None,
 ) -> tuple[str, str]:
-    """``auto``'s rules (module docstring): (engine, reason)."""
+    """``auto``'s rules (module docstring): (engine, reason). ``openvino`` None: detected."""
     env = os.environ.get(ENV)
     if env and env != "auto":
         if env not in ENGINES[1:]:
@@ -141,6 +189,11 @@ def auto_engine(
         return "eager", f"autocast={autocast} given by the caller"
     info = info or cpu_info()
     if info.bf16_units:
+        if tower == "audio" and (openvino_available() if openvino is None else openvino):
+            return "openvino_bf16", (
+                f"CPU has bf16 units ({info.isa()}) and OpenVINO is installed: the exported "
+                "audio graph at bf16 inference precision (fastest measured, cos ≥ 0.9999)"
+            )
         return "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
     return "eager", (
         f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "
@@ -210,9 +263,10 @@ def select(
         raise ValueError(f"tower must be 'audio' or 'text', got {tower!r}")
     device = ops.device_of(model)
     if engine == "auto":
-        engine, reason = auto_engine(device, autocast=autocast)
+        engine, reason = auto_engine(device, autocast=autocast, tower=tower)
         if engine in EXPORTED and not normalize:
-            engine, reason = "eager", f"{reason}; normalize=False needs a PyTorch engine"
+            engine = "bf16" if engine == "openvino_bf16" else "eager"
+            reason = f"{reason}; normalize=False needs a PyTorch engine: {engine}"
     else:
         reason = "requested"
     if autocast is not None and engine != "eager":
@@ -225,11 +279,12 @@ def select(
             )
         if device.type != "cpu":
             raise ValueError(f"engine {engine!r} runs on the CPU; the model is on {device}")
-    if engine == "bf16" and device.type == "cpu" and not cpu_info().bf16_units:
+    if engine in ("bf16", "openvino_bf16") and device.type == "cpu" and not cpu_info().bf16_units:
         _log_once(
             (engine, "emulated"),
             logging.WARNING,
-            "engine 'bf16' on a CPU without bf16 units (%s): emulated, usually slower than fp32",
+            "engine %r on a CPU without bf16 units (%s): emulated, usually slower than fp32",
+            engine,
             cpu_info().isa(),
         )
     _log_once(

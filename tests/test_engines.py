@@ -55,19 +55,60 @@ def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- auto's rules
 @pytest.mark.parametrize(
-    ("info", "device", "autocast", "want"),
+    ("info", "device", "autocast", "tower", "openvino", "want"),
     [
-        (BF16, CPU, None, "bf16"),
-        (AMX, CPU, None, "bf16"),
-        (AVX2, CPU, None, "eager"),
-        (CpuInfo("no /proc/cpuinfo"), CPU, None, "eager"),
-        (BF16, CPU, torch.float16, "eager"),
-        (BF16, torch.device("cuda"), None, "eager"),
+        (BF16, CPU, None, "audio", True, "openvino_bf16"),
+        (BF16, CPU, None, "audio", False, "bf16"),
+        (BF16, CPU, None, "text", True, "bf16"),
+        (AMX, CPU, None, "audio", True, "openvino_bf16"),
+        (AMX, CPU, None, "text", False, "bf16"),
+        (AVX2, CPU, None, "audio", True, "eager"),
+        (CpuInfo("no /proc/cpuinfo"), CPU, None, "audio", True, "eager"),
+        (BF16, CPU, torch.float16, "audio", True, "eager"),
+        (BF16, torch.device("cuda"), None, "audio", True, "eager"),
     ],
 )
-def test_auto_rules(no_env, info, device, autocast, want):
-    engine, reason = auto_engine(device, autocast=autocast, info=info)
+def test_auto_rules(no_env, info, device, autocast, tower, openvino, want):
+    engine, reason = auto_engine(
+        device, autocast=autocast, info=info, tower=tower, openvino=openvino
+    )
     assert engine == want and reason
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "bf16"),
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", False),
+        ("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni", False),
+        ("DNNL_MAX_CPU_ISA", "AVX512_CORE", False),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", True),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", True),
+        ("ONEDNN_MAX_CPU_ISA", "ALL", True),
+        ("ATEN_CPU_CAPABILITY", "avx2", False),
+        ("ATEN_CPU_CAPABILITY", "default", False),
+    ],
+)
+def test_auto_respects_isa_limits(no_env, monkeypatch, env, value, bf16):
+    """The AVX2 simulation of issue 21 (oneDNN / ATen limited on a bf16 CPU): bf16 would be
+    emulated, so auto must not pick it; limits at or above AVX512_CORE_BF16 keep it."""
+    for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(env, value)
+    flags = BF16.flags  # the CPU has the units; only the limit differs
+    cap = value.upper() if env == "ATEN_CPU_CAPABILITY" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cap)
+    monkeypatch.setattr(engines, "_read_proc_cpuinfo", lambda: ("test cpu", flags))
+    engines.cpu_info.cache_clear()
+    try:
+        info = engines.cpu_info()
+        assert info.flags == flags and info.bf16_units is bf16
+        engine, reason = auto_engine(CPU, tower="audio", openvino=True)
+        assert engine == ("openvino_bf16" if bf16 else "eager"), reason
+        assert auto_engine(CPU, tower="text", openvino=True)[0] == ("bf16" if bf16 else "eager")
+        if env != "ATEN_CPU_CAPABILITY":
+            assert value.upper() in info.isa()  # the limit is in the logged reason
+    finally:
+        engines.cpu_info.cache_clear()
 
 
 def test_auto_env_override(monkeypatch):
@@ -109,6 +150,8 @@ def test_default_is_fp32_eager_and_auto_is_opt_in(no_env, model, caplog, monkeyp
     assert engines.select(model, None, "audio").engine == want
     # normalize=False never lands on an exported engine (they return normalised rows)
     assert engines.select(model, "auto", "audio", normalize=False).engine in ("eager", "bf16")
+    monkeypatch.setattr(engines, "auto_engine", lambda *a, **k: ("openvino_bf16", "test"))
+    assert engines.select(model, "auto", "audio", normalize=False).engine == "bf16"
 
 
 # ------------------------------------------------------------------------------ fidelity
@@ -179,6 +222,22 @@ def test_openvino_engine(model, synth_clips, tokens):
     ids, mask = tokens
     t_ref = model.embed_text_tokens(ids, mask, engine="eager")
     assert _min_cos(model.embed_text_tokens(ids, mask, engine="openvino"), t_ref) >= 0.99999
+
+
+def test_openvino_bf16_engine(model, synth_clips):
+    """bf16 inference precision: close to fp32 (auto's bound) but not the f32 graph's output."""
+    pytest.importorskip("openvino")
+    clips = synth_clips[:3]
+    ref = model.embed_audio(clips, engine="eager")
+    f32 = model.embed_audio(clips, engine="openvino")
+    got = model.embed_audio(clips, engine="openvino_bf16")
+    assert got.shape == ref.shape
+    assert _min_cos(got, ref) >= engines.AUTO_MIN_COSINE
+    ov = pytest.importorskip("openvino")
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert not torch.equal(got, f32)  # it did run at bf16 (elsewhere OpenVINO runs f32)
+    with pytest.raises(ValueError, match="precision"):
+        engine_runtimes.OpenVinoRunner("unused.onnx", precision="int4")
 
 
 @pytest.mark.slow
