@@ -20,6 +20,7 @@ alike), where the comparison means nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -28,13 +29,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import clap_fast
-from clap_fast import engines, metrics
+from clap_fast import engine_runtimes, engines, metrics
 from clap_fast.audio import as_waveform_list, prepare_batch
 from clap_fast.loss import ClipLoss, clamp_logit_scale_
 from clap_fast.synth import CLASS_NAMES, CLASSES, generate_clip
@@ -43,7 +45,10 @@ log = logging.getLogger("bench.int8_fidelity")
 METRIC_TOL = 0.01
 WARMUP = 20
 TEXT = {"width": 128, "layers": 2, "heads": 2}
-ENGINES = ("eager", "bf16", "onnx", "int8")
+ENGINES = ("eager", "bf16", "onnx", "openvino_bf16", "int8", "int8_keep_ends", "int8_audio_only")
+SCHEMES = {"int8_keep_ends": ("keep_ends", True), "int8_audio_only": ("all", False)}
+"""int8 schemes beyond the ``int8`` engine: (``engine_runtimes.KEEP_FP32_SCHEMES`` key, text
+tower quantised too). ``int8_audio_only`` quantises the audio tower and leaves text in fp32."""
 METRIC_KEYS = (
     "zero_shot_top1",
     "text_to_audio_R@1",
@@ -131,8 +136,30 @@ def _save(cache: Path, model, opt, sched, g: torch.Generator, losses: list[float
     tmp.replace(cache)
 
 
+def _scheme(model: clap_fast.CLAP, name: str) -> contextlib.AbstractContextManager:
+    """Within it, ``engine=name`` runs the int8 scheme ``name`` (``SCHEMES``)."""
+    scheme, text_too = SCHEMES[name]
+    keep = engine_runtimes.KEEP_FP32_SCHEMES[scheme]
+    towers = ("audio", "text") if text_too else ("audio",)
+    built = {t: engine_runtimes.build(model, "int8", t, keep) for t in towers}
+
+    def select(m, engine, tower, **kw) -> engines.Choice:
+        if tower in built:
+            return engines.Choice(name, f"int8 scheme {scheme}", None, built[tower])
+        return engines.Choice("eager", "text tower fp32")
+
+    return mock.patch.object(engines, "select", select)
+
+
 def evaluate(model: clap_fast.CLAP, engine: str, test) -> tuple[dict[str, float], torch.Tensor]:
-    """Metrics of one engine on the held-out clips, and its audio embeddings."""
+    """Metrics of one engine (or int8 scheme) on the held-out clips, and its audio embeddings."""
+    if engine in SCHEMES:
+        with _scheme(model, engine):
+            return _evaluate(model, engine, test)
+    return _evaluate(model, engine, test)
+
+
+def _evaluate(model: clap_fast.CLAP, engine: str, test) -> tuple[dict[str, float], torch.Tensor]:
     waves, captions, labels = test
     audio = model.embed_audio(waves, batch_size=16, engine=engine)
     prompts = [f"This is a sound of {CLASS_NAMES[c]}." for c in CLASSES]
@@ -169,12 +196,12 @@ def run(args: argparse.Namespace) -> dict:
         return {"trained": len(losses)}
     test = clips("test", args.test)
     results, embs = {}, {}
-    for engine in ENGINES:
+    for engine in _engines():
         t0 = time.perf_counter()
         results[engine], embs[engine] = evaluate(model, engine, test)
         results[engine]["eval_s (incl. export)"] = round(time.perf_counter() - t0, 1)
     ref = results["eager"]
-    for engine in ENGINES[1:]:
+    for engine in list(results)[1:]:
         r = results[engine]
         cos = F.cosine_similarity(embs[engine].double(), embs["eager"].double(), dim=-1)
         r["audio_cos_min"], r["audio_cos_mean"] = float(cos.min()), float(cos.mean())
@@ -206,8 +233,13 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _engines() -> tuple[str, ...]:
+    return tuple(e for e in ENGINES if e != "openvino_bf16" or engines.openvino_available())
+
+
 def markdown(rep: dict) -> str:
     res = rep["results"]
+    names = list(res)
     lines = [
         f"# int8 / bf16 fidelity on a briefly trained tiny CLAP — {rep['cpu']} — {rep['date'][:10]}",
         "",
@@ -220,15 +252,15 @@ def markdown(rep: dict) -> str:
         f"- bounds: audio cosine to fp32 ≥ {rep['bounds']['audio_cos_min']}, every metric "
         f"within {rep['bounds']['metric_abs_diff']} of fp32 eager",
         "",
-        "| metric | " + " | ".join(ENGINES) + " |",
-        "|---|" + "---|" * len(ENGINES),
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
     for k in (*METRIC_KEYS, "audio_cos_min", "audio_cos_mean", "max_metric_diff"):
-        cells = [f"{res[e][k]:.6g}" if k in res[e] else "—" for e in ENGINES]
+        cells = [f"{res[e][k]:.6g}" if k in res[e] else "—" for e in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append(
         "| within bounds | "
-        + " | ".join(str(res[e].get("within_bounds", "ref")) for e in ENGINES)
+        + " | ".join(str(res[e].get("within_bounds", "ref")) for e in names)
         + " |"
     )
     return "\n".join(lines) + "\n"

@@ -29,15 +29,26 @@ from torch import nn
 
 __all__ = ["build", "quantize_int8", "int8_nodes", "OpenVinoRunner"]
 
+KEEP_FP32_SCHEMES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "keep_ends": ("/layers.3/", "projection/"),
+}
+"""int8 schemes: node-name fragments whose linear layers stay fp32 (``quantize_int8``'s
+``keep_fp32``). ``all`` (engine ``int8``): every linear layer; ``keep_ends``: the audio tower's
+last Swin stage and both projections stay fp32 (the patch embedding is a convolution and is
+never quantised)."""
+
 log = logging.getLogger(__name__)
 
 FRONT_END_SCOPE = "/frontend/"
 """Name prefix of the audio graph's log-mel nodes (``AudioEncoder.frontend``), kept in fp32."""
 
 
-def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:
+def build(
+    model: nn.Module, engine: str, tower: str, keep_fp32: tuple[str, ...] = ()
+) -> Callable[..., torch.Tensor]:
     """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "openvino_bf16" |
-    "int8")."""
+    "int8"); ``keep_fp32``: node-name fragments left in fp32 by int8 (see ``quantize_int8``)."""
     if engine == "compile":
         return _compiled(model, tower)
     if engine not in ("onnx", "openvino", "openvino_bf16", "int8"):
@@ -47,7 +58,8 @@ def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tens
         if engine == "int8":
             from clap_fast.engines import cpu_info
 
-            path = quantize_int8(path, path.with_name(f"{path.stem}_int8.onnx"), cpu_info())
+            dst = path.with_name(f"{path.stem}_int8.onnx")
+            path = quantize_int8(path, dst, cpu_info(), keep_fp32=keep_fp32)
         if engine in ("openvino", "openvino_bf16"):
             runner = OpenVinoRunner(path, "bf16" if engine == "openvino_bf16" else "f32")
         else:
@@ -105,10 +117,11 @@ def _export(model: nn.Module, tower: str, out: Path) -> Path:
     return export_tower(model.eval(), tower, out, stem="engine", verify_batches=(1,)).path
 
 
-def int8_nodes(path: str | Path) -> list[str]:
+def int8_nodes(path: str | Path, keep_fp32: tuple[str, ...] = ()) -> list[str]:
     """Names of the graph's linear layers: MatMul / Gemm nodes whose second input is a weight
-    (an initializer), outside the log-mel front end. Attention's activation × activation
-    matmuls and the resize matrix (its constant is the first input) are not among them."""
+    (an initializer), outside the log-mel front end and without any of ``keep_fp32`` in their
+    name. Attention's activation × activation matmuls and the resize matrix (its constant is
+    the first input) are not among them."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -120,6 +133,7 @@ def int8_nodes(path: str | Path) -> list[str]:
         and len(n.input) > 1
         and n.input[1] in weights
         and not _in_front_end(n.name)
+        and not any(k in n.name for k in keep_fp32)
     ]
 
 
@@ -131,13 +145,13 @@ def _in_front_end(name: str) -> bool:
     return name.startswith(FRONT_END_SCOPE) or (len(parts) == 2 and parts[0] == "audio_branch")
 
 
-def quantize_int8(src: Path, dst: Path, info) -> Path:
+def quantize_int8(src: Path, dst: Path, info, keep_fp32: tuple[str, ...] = ()) -> Path:
     """Dynamic int8 quantisation of ``int8_nodes(src)``: int8 weights per output channel,
     uint8 activations quantised per call. Without VNNI / AMX (``info.int8_dot`` False) the
     weights use 7 bits (``reduce_range``): the AVX2 u8·s8 multiply-add saturates otherwise."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    nodes = int8_nodes(src)
+    nodes = int8_nodes(src, keep_fp32)
     if not nodes:
         raise ValueError(f"{src.name}: no linear layers to quantise")
     quiet = _BelowError()  # onnxruntime's quantiser logs per tensor on the root logger
@@ -150,7 +164,12 @@ def quantize_int8(src: Path, dst: Path, info) -> Path:
         )  # fmt: skip
     finally:
         root.removeFilter(quiet)
-    log.info("int8: quantised %d linear layers (reduce_range=%s)", len(nodes), not info.int8_dot)
+    log.info(
+        "int8: quantised %d linear layers (reduce_range=%s, kept fp32: %s)",
+        len(nodes),
+        not info.int8_dot,
+        keep_fp32 or "none",
+    )
     return dst
 
 
