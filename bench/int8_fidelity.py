@@ -197,9 +197,22 @@ def run(args: argparse.Namespace) -> dict:
     test = clips("test", args.test)
     results, embs = {}, {}
     for engine in _engines():
+        done = (
+            None
+            if cache is None
+            else cache.with_name(f"{cache.stem}_steps{args.steps}_eval{args.test}_{engine}.pt")
+        )
+        if done is not None and done.exists():  # evaluated by an earlier call (resumable)
+            state = torch.load(done, map_location="cpu", weights_only=True)
+            results[engine] = {k: float(v) for k, v in state["metrics"].items()}
+            embs[engine] = state["audio"]
+            continue
         t0 = time.perf_counter()
         results[engine], embs[engine] = evaluate(model, engine, test)
         results[engine]["eval_s (incl. export)"] = round(time.perf_counter() - t0, 1)
+        if done is not None:
+            metrics_t = {k: torch.tensor(v) for k, v in results[engine].items()}
+            torch.save({"metrics": metrics_t, "audio": embs[engine]}, done)
     ref = results["eager"]
     for engine in list(results)[1:]:
         r = results[engine]
