@@ -91,6 +91,8 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
         pytest.skip("torch.compile on the CPU takes minutes on 2 cores (CLAP_BENCH_COMPILE=1)")
     if provider.startswith("openvino") and importlib.util.find_spec("openvino") is None:
         pytest.skip("OpenVINO is not installed (pip install openvino)")
+    if provider == "openvino_bf16" and not engines.cpu_info().bf16_units:
+        pytest.skip(f"no usable bf16 units ({engines.cpu_info().isa()}): OpenVINO would run f32")
     benchmark.group = f"audio cpu batch {batch}"
     fn = _embed(provider, batch)
     out = fn()  # builds the engine (export / quantise / compile) before timing

@@ -223,7 +223,17 @@ class OpenVinoRunner:
         core = ov.Core()
         ov_model = core.read_model(str(path))
         self.precision = precision
-        self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+        try:
+            self.compiled = core.compile_model(
+                ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision}
+            )
+        except RuntimeError as exc:  # e.g. bf16 under ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16
+            if precision == "f32":
+                raise
+            last = str(exc).strip().splitlines()[-1][:200]
+            log.warning("OpenVINO cannot compile at %s here (%s): f32 instead", precision, last)
+            self.precision = "f32"
+            self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
 
     def run(self, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:

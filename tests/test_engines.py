@@ -260,3 +260,28 @@ def test_cli_engine_flag(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want.numpy(), atol=1e-6)
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path / "f.npy"), "--engine", "fast"])
+
+
+def test_openvino_bf16_falls_back_to_f32(tmp_path, monkeypatch, caplog):
+    """Where OpenVINO cannot compile at bf16 (seen under ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU:
+    no bf16 Softmax), the runner compiles at f32 and says so."""
+    ov = pytest.importorskip("openvino")
+    from onnx import TensorProto, helper, save
+
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", info[:1], info[1:])
+    path = tmp_path / "relu.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    real = ov.Core.compile_model
+
+    def compile_model(self, model, device_name=None, config=None):
+        if (config or {}).get("INFERENCE_PRECISION_HINT") == "bf16":
+            raise RuntimeError("Supported primitive descriptors list is empty for node: Softmax")
+        return real(self, model, device_name, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", compile_model)
+    with caplog.at_level("WARNING", logger="clap_fast.engine_runtimes"):
+        runner = engine_runtimes.OpenVinoRunner(path, "bf16")
+    assert runner.precision == "f32" and "f32 instead" in caplog.text
+    out = runner.run({"x": np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)})
+    assert out.tolist() == [[0.0, 2.0, 0.0, 4.0]]
