@@ -175,9 +175,9 @@ def auto_engine(
     autocast: torch.dtype | None = None,
     info: CpuInfo | None = None,
     tower: str = "audio",
-    openvino: bool | None = None,
 ) -> tuple[str, str]:
-    """``auto``'s rules (module docstring): (engine, reason). ``openvino`` None: detected."""
+    """``auto``'s rules (module docstring): (engine, reason). ``tower`` ("audio" | "text") is
+    in the signature for rules that differ per tower; none does at present."""
     env = os.environ.get(ENV)
     if env and env != "auto":
         if env not in ENGINES[1:]:
@@ -189,11 +189,6 @@ def auto_engine(
         return "eager", f"autocast={autocast} given by the caller"
     info = info or cpu_info()
     if info.bf16_units:
-        if tower == "audio" and (openvino_available() if openvino is None else openvino):
-            return "openvino_bf16", (
-                f"CPU has bf16 units ({info.isa()}) and OpenVINO is installed: the exported "
-                "audio graph at bf16 inference precision (fastest measured, cos ≥ 0.9999)"
-            )
         return "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
     return "eager", (
         f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "

@@ -55,23 +55,19 @@ def _min_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- auto's rules
 @pytest.mark.parametrize(
-    ("info", "device", "autocast", "tower", "openvino", "want"),
+    ("info", "device", "autocast", "tower", "want"),
     [
-        (BF16, CPU, None, "audio", True, "openvino_bf16"),
-        (BF16, CPU, None, "audio", False, "bf16"),
-        (BF16, CPU, None, "text", True, "bf16"),
-        (AMX, CPU, None, "audio", True, "openvino_bf16"),
-        (AMX, CPU, None, "text", False, "bf16"),
-        (AVX2, CPU, None, "audio", True, "eager"),
-        (CpuInfo("no /proc/cpuinfo"), CPU, None, "audio", True, "eager"),
-        (BF16, CPU, torch.float16, "audio", True, "eager"),
-        (BF16, torch.device("cuda"), None, "audio", True, "eager"),
+        (BF16, CPU, None, "audio", "bf16"),
+        (BF16, CPU, None, "text", "bf16"),
+        (AMX, CPU, None, "audio", "bf16"),
+        (AVX2, CPU, None, "audio", "eager"),
+        (CpuInfo("no /proc/cpuinfo"), CPU, None, "audio", "eager"),
+        (BF16, CPU, torch.float16, "audio", "eager"),
+        (BF16, torch.device("cuda"), None, "audio", "eager"),
     ],
 )
-def test_auto_rules(no_env, info, device, autocast, tower, openvino, want):
-    engine, reason = auto_engine(
-        device, autocast=autocast, info=info, tower=tower, openvino=openvino
-    )
+def test_auto_rules(no_env, info, device, autocast, tower, want):
+    engine, reason = auto_engine(device, autocast=autocast, info=info, tower=tower)
     assert engine == want and reason
 
 
@@ -102,9 +98,9 @@ def test_auto_respects_isa_limits(no_env, monkeypatch, env, value, bf16):
     try:
         info = engines.cpu_info()
         assert info.flags == flags and info.bf16_units is bf16
-        engine, reason = auto_engine(CPU, tower="audio", openvino=True)
-        assert engine == ("openvino_bf16" if bf16 else "eager"), reason
-        assert auto_engine(CPU, tower="text", openvino=True)[0] == ("bf16" if bf16 else "eager")
+        engine, reason = auto_engine(CPU, tower="audio")
+        assert engine == ("bf16" if bf16 else "eager"), reason
+        assert auto_engine(CPU, tower="text")[0] == engine
         if env != "ATEN_CPU_CAPABILITY":
             assert value.upper() in info.isa()  # the limit is in the logged reason
     finally:
@@ -225,7 +221,9 @@ def test_openvino_engine(model, synth_clips, tokens):
 
 
 def test_openvino_bf16_engine(model, synth_clips):
-    """bf16 inference precision: close to fp32 (auto's bound) but not the f32 graph's output."""
+    """bf16 inference precision: close to fp32 on this random-weight model (auto's bound; a
+    trained HTSAT-mini measured far worse, see bench/results/int8_fidelity_*), and not the f32
+    graph's output."""
     pytest.importorskip("openvino")
     clips = synth_clips[:3]
     ref = model.embed_audio(clips, engine="eager")
