@@ -1,41 +1,57 @@
 """Inference engines of the ``embed_*`` calls, and what ``engine="auto"`` picks on this machine.
 
-=========  ===============================================================  =====================
-engine     what runs                                                        vs fp32 eager
-=========  ===============================================================  =====================
-eager      the model in PyTorch (fp32, or under the caller's ``autocast``)  the reference
-bf16       eager under bf16 autocast; the log-mel front end stays fp32      cos ≥ 0.9999 measured
-compile    ``torch.compile`` of ``encode_audio`` / ``encode_text``, static  exact (fp32); compiles
-           shapes (batches padded to a power of two: few recompiles)        for minutes on 2 cores
-onnx       the ``export/`` graph in onnxruntime's CPU provider              exact (≤ 1e-6)
-openvino   the same graph in OpenVINO, f32 inference precision (optional)   exact (≤ 1e-6)
-int8       the same graph with every linear layer's MatMul / Gemm           cos ≥ 0.999 asserted
-           quantised by onnxruntime (``quantize_dynamic``: int8 weights per  (``INT8_MIN_COSINE``)
-           output channel, activations per call); front end, resize and
-           attention-score matmuls stay fp32
-=========  ===============================================================  =====================
+Measured (``bench/results/cpu_engines_cpu-2core_2026-12-03.md``, HTSAT-tiny audio, 10 s clips,
+batch 8, 2-core AVX512-BF16 EPYC, × laion_clap 1.1.7 fp32 in the same run) and fidelity on a
+trained model (``int8_fidelity_cpu-2core_2026-12-03.md``, HTSAT-mini, 512 held-out clips):
+
+=============  ===========================================================  ======  ===========
+engine         what runs                                                    × LAION  fidelity
+=============  ===========================================================  ======  ===========
+eager          the model in PyTorch (fp32, or under the caller's            0.93×   reference
+               ``autocast``)
+bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.06×   cos ≥ 0.99999
+compile        ``torch.compile`` of ``encode_audio`` / ``encode_text``,     —       exact (fp32)
+               static shapes (batches padded to a power of two); compiles
+               for minutes on 2 cores
+onnx           the ``export/`` graph in onnxruntime's CPU provider          1.15×   exact (≤ 1e-6)
+openvino       the same graph in OpenVINO, f32 inference precision          1.37×   exact (≤ 1e-6)
+openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.30×   **unsafe**:
+               (falls back to f32, with a warning, where OpenVINO cannot            cos 0.51 on a
+               compile at bf16)                                                     trained model
+int8           the same graph with every linear layer's MatMul / Gemm       1.75×   cos ≥ 0.999998,
+               quantised by onnxruntime (``quantize_dynamic``: int8                 metrics within
+               weights per output channel, activations per call); front             0.004 (bound
+               end, resize and attention-score matmuls stay fp32                    0.01); 0.99987
+                                                                                    on HTSAT-tiny
+=============  ===========================================================  ======  ===========
 
 The default (``engine=None``, no ``--engine``) is ``CLAP_FAST_ENGINE`` when set, else ``eager``
 in fp32: embeddings equal LAION's to float tolerance on every machine, which is this project's
 first promise. ``auto`` (``engine="auto"``, ``--engine auto`` or ``CLAP_FAST_ENGINE=auto``) is the
-fast choice for CPU inference when reduced precision (cos ≥ 0.9999 to fp32) is acceptable.
+fast choice for CPU inference when reduced precision (cos ≥ ``AUTO_MIN_COSINE`` = 0.9999 to
+fp32, measured on a trained model) is acceptable.
 
 ``auto`` decides from the CPU's capabilities, never by timing at run time:
 
 1. ``CLAP_FAST_ENGINE`` set in the environment -> that engine;
 2. the model is not on the CPU -> ``eager`` (Triton kernels on a GPU);
 3. the caller passed ``autocast`` -> ``eager`` under it;
-4. the CPU has bf16 dot-product units (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)
-   -> ``bf16`` (measured here 2.0–2.25× fp32 eager for HTSAT-tiny audio, 1.7–1.9× for
-   RoBERTa text, cos ≥ 0.9999);
-5. otherwise -> ``eager``. On the AVX2-only machine of issue 21, bf16 autocast was 6× slower
-   than fp32 (emulated), onnxruntime 0.98× and OpenVINO 1.06× eager: nothing measured there
-   beats fp32 eager reliably, and auto never picks a path that may be slower.
+4. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
+   and neither ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 nor ``ATEN_CPU_CAPABILITY`` below
+   avx512) -> ``bf16``, both towers (2.06× laion_clap above; 1.7–1.9× fp32 eager for RoBERTa
+   text). ``openvino_bf16`` is faster (2.30×) but lost the fp32 embeddings on a trained model,
+   and int8 is slower here (1.75×), so neither is picked;
+5. otherwise -> ``eager``. Under the AVX2-only simulation (``ONEDNN_MAX_CPU_ISA=AVX2
+   ATEN_CPU_CAPABILITY=avx2`` on the same CPU, ``cpu_engines_avx2sim_*``) bf16 autocast was
+   0.19× fp32 eager (emulated); on the real AVX2-only machine of issue 21 it was 6× slower,
+   onnxruntime 0.98× and OpenVINO 1.06× eager. int8 (onnxruntime) was 2.3× laion_clap in the
+   simulation, but onnxruntime ignores the ISA limit (it ran its AVX512-VNNI kernels), so that
+   is no AVX2 number: auto never picks a path that may be slower than fp32 eager.
 
-The int8, onnx, openvino and compile engines are for callers who ask for them (they export or
-compile on first use, seconds to minutes). Exported engines return L2-normalised embeddings, so
-they need ``normalize=True``. Built graphs are cached per model and rebuilt when its weights
-change (in-place updates bump the parameters' version counters).
+The int8, onnx, openvino(_bf16) and compile engines are for callers who ask for them (they
+export or compile on first use, seconds to minutes). Exported engines return L2-normalised
+embeddings, so they need ``normalize=True``. Built graphs are cached per model and rebuilt when
+its weights change (in-place updates bump the parameters' version counters).
 """
 
 from __future__ import annotations

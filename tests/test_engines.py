@@ -184,6 +184,14 @@ def test_int8_quantises_only_linear_layers(model, tmp_path):
     assert len(nodes) == linear
     assert not any(n.startswith(engine_runtimes.FRONT_END_SCOPE) for n in nodes)
     assert not any(n.endswith("attn/MatMul") or n.endswith("attn/MatMul_1") for n in nodes)
+    keep = engine_runtimes.KEEP_FP32_SCHEMES["keep_ends"]
+    kept = set(nodes) - set(engine_runtimes.int8_nodes(path, keep))
+    last = len(model.audio_branch.layers) - 1
+    assert last == 3 and kept  # the scheme names HTSAT's fourth stage
+    assert all(f"/layers.{last}/" in n or "/audio_projection/" in n for n in kept)
+    assert sum("/audio_projection/" in n for n in kept) == sum(
+        isinstance(m, torch.nn.Linear) for m in model.audio_projection.modules()
+    )
 
 
 def test_onnx_engine_is_exact_cached_and_rebuilt_on_new_weights(model, synth_clips):
