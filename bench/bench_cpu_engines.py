@@ -8,13 +8,15 @@ Providers (one run, the same weights and inputs; see ``clap_fast.engines``):
   bf16        bf16 autocast, front end fp32 (fast only where the CPU has bf16 units)
   onnx        the exported graph in onnxruntime (CPU provider)
   openvino    the same graph in OpenVINO at f32 precision (skipped when not installed)
+  openvino_bf16  the same graph in OpenVINO at bf16 inference precision (cos ≥ 0.9999 asserted)
   int8        the graph with its linear layers quantised by onnxruntime (dynamic, per channel)
   auto        ``engine="auto"``, the default: what it picked is in ``extra_info["picked"]``
   compile     torch.compile (static shapes); only with CLAP_BENCH_COMPILE=1 (minutes on 2 cores)
 
 Exported engines export their graph once, before timing. Every row records its agreement with
 fp32 eager and with laion_clap (min row cosine, max |Δ|); int8 must stay within
-``INT8_MIN_COSINE`` of fp32 eager (asserted), the other exact engines within 1e-4. Each row's
+``INT8_MIN_COSINE`` of fp32 eager, bf16 / openvino_bf16 / auto within ``AUTO_MIN_COSINE``
+(asserted), the exact engines within 1e-4. Each row's
 ``extra_info`` carries the CPU's ISA (``cpu_isa``: torch's capability and the /proc/cpuinfo
 flags that matter) and the load average; on a shared machine treat the times as noisy.
 ``--benchmark-disable`` smoke runs batch 1 of eager, auto and int8 only (exports take a while).
@@ -37,7 +39,17 @@ from clap_fast import engines
 BATCHES = [1, 8]
 ROUNDS = 5
 COMPILE = os.environ.get("CLAP_BENCH_COMPILE") == "1"
-PROVIDERS = ["laion_clap", "eager", "bf16", "onnx", "openvino", "int8", "auto", "compile"]
+PROVIDERS = [
+    "laion_clap",
+    "eager",
+    "bf16",
+    "onnx",
+    "openvino",
+    "openvino_bf16",
+    "int8",
+    "auto",
+    "compile",
+]
 EXACT_ATOL = 1e-4
 SMOKE = ("eager", "auto", "int8")  # CI's untimed pass: the default path and the quantised graph
 
@@ -77,8 +89,10 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
         pytest.skip(f"smoke run (--benchmark-disable): batch 1 of {SMOKE} only")
     if provider == "compile" and not COMPILE:
         pytest.skip("torch.compile on the CPU takes minutes on 2 cores (CLAP_BENCH_COMPILE=1)")
-    if provider == "openvino" and importlib.util.find_spec("openvino") is None:
+    if provider.startswith("openvino") and importlib.util.find_spec("openvino") is None:
         pytest.skip("OpenVINO is not installed (pip install openvino)")
+    if provider == "openvino_bf16" and not engines.cpu_info().bf16_units:
+        pytest.skip(f"no usable bf16 units ({engines.cpu_info().isa()}): OpenVINO would run f32")
     benchmark.group = f"audio cpu batch {batch}"
     fn = _embed(provider, batch)
     out = fn()  # builds the engine (export / quantise / compile) before timing
@@ -112,5 +126,7 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
     fp32 = agree.get("eager")
     if fp32 is not None and provider == "int8":
         assert fp32["min_cosine"] >= engines.INT8_MIN_COSINE, fp32
+    elif fp32 is not None and provider in ("bf16", "openvino_bf16", "auto"):
+        assert fp32["min_cosine"] >= engines.AUTO_MIN_COSINE, fp32
     elif fp32 is not None and provider in ("onnx", "openvino", "compile"):
         assert fp32["max_abs_diff"] <= EXACT_ATOL, fp32

@@ -73,8 +73,8 @@ class InferenceMixin:
             autocast: e.g. torch.bfloat16 to run the towers under autocast (the front end stays
                 fp32; implies the eager engine); None (default): as the engine decides.
             engine: None (default: ``CLAP_FAST_ENGINE`` or fp32 eager, LAION's numbers) | auto |
-                eager | bf16 | compile | onnx | openvino | int8; see ``clap_fast.engines`` for
-                what each runs and what ``auto`` picks (and logs).
+                eager | bf16 | compile | onnx | openvino | openvino_bf16 | int8; see
+                ``clap_fast.engines`` for what each runs and what ``auto`` picks (and logs).
         """
         if frames:
             from clap_fast.frames import embed_frames

@@ -29,33 +29,46 @@ from torch import nn
 
 __all__ = ["build", "quantize_int8", "int8_nodes", "OpenVinoRunner"]
 
+KEEP_FP32_SCHEMES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "keep_ends": ("/layers.3/", "projection/"),
+}
+"""int8 schemes: node-name fragments whose linear layers stay fp32 (``quantize_int8``'s
+``keep_fp32``). ``all`` (engine ``int8``): every linear layer; ``keep_ends``: the audio tower's
+last Swin stage and both projections stay fp32 (the patch embedding is a convolution and is
+never quantised)."""
+
 log = logging.getLogger(__name__)
 
 FRONT_END_SCOPE = "/frontend/"
 """Name prefix of the audio graph's log-mel nodes (``AudioEncoder.frontend``), kept in fp32."""
 
 
-def build(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:
-    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "int8")."""
+def build(
+    model: nn.Module, engine: str, tower: str, keep_fp32: tuple[str, ...] = ()
+) -> Callable[..., torch.Tensor]:
+    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "openvino_bf16" |
+    "int8"); ``keep_fp32``: node-name fragments left in fp32 by int8 (see ``quantize_int8``)."""
     if engine == "compile":
         return _compiled(model, tower)
-    if engine not in ("onnx", "openvino", "int8"):
+    if engine not in ("onnx", "openvino", "openvino_bf16", "int8"):
         raise ValueError(f"no builder for engine {engine!r}")
     with tempfile.TemporaryDirectory(prefix="clap_fast_engine_") as tmp, _model_state(model):
         path = _export(model, tower, Path(tmp))
         if engine == "int8":
             from clap_fast.engines import cpu_info
 
-            path = quantize_int8(path, path.with_name(f"{path.stem}_int8.onnx"), cpu_info())
-        if engine == "openvino":
-            runner = OpenVinoRunner(path)
+            dst = path.with_name(f"{path.stem}_int8.onnx")
+            path = quantize_int8(path, dst, cpu_info(), keep_fp32=keep_fp32)
+        if engine in ("openvino", "openvino_bf16"):
+            runner = OpenVinoRunner(path, "bf16" if engine == "openvino_bf16" else "f32")
         else:
             from export.runners import OnnxRunner
 
             runner = OnnxRunner(path, providers="cpu")  # the session holds the graph in memory
         encode = _graph_encoder(runner, tower)
-        if engine == "int8":
-            _check_int8(model, tower, encode)
+        if engine in ("int8", "openvino_bf16"):
+            _check_fidelity(model, tower, encode, engine)
     return encode
 
 
@@ -104,10 +117,11 @@ def _export(model: nn.Module, tower: str, out: Path) -> Path:
     return export_tower(model.eval(), tower, out, stem="engine", verify_batches=(1,)).path
 
 
-def int8_nodes(path: str | Path) -> list[str]:
+def int8_nodes(path: str | Path, keep_fp32: tuple[str, ...] = ()) -> list[str]:
     """Names of the graph's linear layers: MatMul / Gemm nodes whose second input is a weight
-    (an initializer), outside the log-mel front end. Attention's activation × activation
-    matmuls and the resize matrix (its constant is the first input) are not among them."""
+    (an initializer), outside the log-mel front end and without any of ``keep_fp32`` in their
+    name. Attention's activation × activation matmuls and the resize matrix (its constant is
+    the first input) are not among them."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -119,6 +133,7 @@ def int8_nodes(path: str | Path) -> list[str]:
         and len(n.input) > 1
         and n.input[1] in weights
         and not _in_front_end(n.name)
+        and not any(k in n.name for k in keep_fp32)
     ]
 
 
@@ -130,13 +145,13 @@ def _in_front_end(name: str) -> bool:
     return name.startswith(FRONT_END_SCOPE) or (len(parts) == 2 and parts[0] == "audio_branch")
 
 
-def quantize_int8(src: Path, dst: Path, info) -> Path:
+def quantize_int8(src: Path, dst: Path, info, keep_fp32: tuple[str, ...] = ()) -> Path:
     """Dynamic int8 quantisation of ``int8_nodes(src)``: int8 weights per output channel,
     uint8 activations quantised per call. Without VNNI / AMX (``info.int8_dot`` False) the
     weights use 7 bits (``reduce_range``): the AVX2 u8·s8 multiply-add saturates otherwise."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    nodes = int8_nodes(src)
+    nodes = int8_nodes(src, keep_fp32)
     if not nodes:
         raise ValueError(f"{src.name}: no linear layers to quantise")
     quiet = _BelowError()  # onnxruntime's quantiser logs per tensor on the root logger
@@ -149,7 +164,12 @@ def quantize_int8(src: Path, dst: Path, info) -> Path:
         )  # fmt: skip
     finally:
         root.removeFilter(quiet)
-    log.info("int8: quantised %d linear layers (reduce_range=%s)", len(nodes), not info.int8_dot)
+    log.info(
+        "int8: quantised %d linear layers (reduce_range=%s, kept fp32: %s)",
+        len(nodes),
+        not info.int8_dot,
+        keep_fp32 or "none",
+    )
     return dst
 
 
@@ -160,10 +180,17 @@ class _BelowError(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
-def _check_int8(model: nn.Module, tower: str, encode: Callable[..., torch.Tensor]) -> None:
-    """Log the int8 graph's cosine to fp32 eager on two real-ish inputs; warn below the bound."""
-    from clap_fast.engines import INT8_MIN_COSINE
+def _check_fidelity(
+    model: nn.Module, tower: str, encode: Callable[..., torch.Tensor], engine: str
+) -> None:
+    """Log a reduced-precision graph's cosine to fp32 eager on two real-ish inputs; warn below
+    its bound (int8: ``INT8_MIN_COSINE``, openvino_bf16: ``AUTO_MIN_COSINE``). Two inputs can
+    miss a failure (openvino_bf16 passed here and failed on a trained model): measure on your
+    data (``bench/int8_fidelity.py``)."""
+    from clap_fast.engines import AUTO_MIN_COSINE, INT8_MIN_COSINE
     from export.onnx import tower_inputs
+
+    bound = INT8_MIN_COSINE if engine == "int8" else AUTO_MIN_COSINE
 
     _, args = tower_inputs(model, tower, 2, seed=7)
     with torch.inference_mode():
@@ -175,18 +202,23 @@ def _check_int8(model: nn.Module, tower: str, encode: Callable[..., torch.Tensor
         else:
             ref, got = model.encode_audio(args[0]), encode(args[0])
     cos = float(F.cosine_similarity(ref.float(), got.float(), dim=-1).min())
-    level = logging.INFO if cos >= INT8_MIN_COSINE else logging.WARNING
-    log.log(
-        level, "int8 %s engine: cosine to fp32 eager %.6f (bound %s)", tower, cos, INT8_MIN_COSINE
-    )
+    level = logging.INFO if cos >= bound else logging.WARNING
+    log.log(level, "%s %s engine: cosine to fp32 eager %.6f (bound %s)", engine, tower, cos, bound)
 
 
 # ------------------------------------------------------------------------------ runners
 class OpenVinoRunner:
-    """An OpenVINO CPU model compiled from an ONNX graph, at f32 inference precision (OpenVINO
-    would otherwise run bf16 on CPUs with bf16 units); ``run`` as ``export.runners.OnnxRunner``."""
+    """An OpenVINO CPU model compiled from an ONNX graph; ``run`` as ``export.runners.OnnxRunner``.
 
-    def __init__(self, path: str | Path) -> None:
+    ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: "f32" (engine ``openvino``: exact;
+    OpenVINO would otherwise pick bf16 by itself on CPUs with bf16 units) or "bf16" (engine
+    ``openvino_bf16``: matmuls and convolutions in bf16 with fp32 accumulation)."""
+
+    PRECISIONS = ("f32", "bf16")
+
+    def __init__(self, path: str | Path, precision: str = "f32") -> None:
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"precision must be one of {self.PRECISIONS}, got {precision!r}")
         try:
             import openvino as ov
         except ImportError as exc:
@@ -195,7 +227,18 @@ class OpenVinoRunner:
             ) from exc
         core = ov.Core()
         ov_model = core.read_model(str(path))
-        self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.precision = precision
+        try:
+            self.compiled = core.compile_model(
+                ov_model, "CPU", {"INFERENCE_PRECISION_HINT": precision}
+            )
+        except RuntimeError as exc:  # e.g. bf16 under ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16
+            if precision == "f32":
+                raise
+            last = str(exc).strip().splitlines()[-1][:200]
+            log.warning("OpenVINO cannot compile at %s here (%s): f32 instead", precision, last)
+            self.precision = "f32"
+            self.compiled = core.compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         self.input_names = [p.get_any_name() for p in self.compiled.inputs]
 
     def run(self, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> torch.Tensor:

@@ -1,41 +1,57 @@
 """Inference engines of the ``embed_*`` calls, and what ``engine="auto"`` picks on this machine.
 
-=========  ===============================================================  =====================
-engine     what runs                                                        vs fp32 eager
-=========  ===============================================================  =====================
-eager      the model in PyTorch (fp32, or under the caller's ``autocast``)  the reference
-bf16       eager under bf16 autocast; the log-mel front end stays fp32      cos ≥ 0.9999 measured
-compile    ``torch.compile`` of ``encode_audio`` / ``encode_text``, static  exact (fp32); compiles
-           shapes (batches padded to a power of two: few recompiles)        for minutes on 2 cores
-onnx       the ``export/`` graph in onnxruntime's CPU provider              exact (≤ 1e-6)
-openvino   the same graph in OpenVINO, f32 inference precision (optional)   exact (≤ 1e-6)
-int8       the same graph with every linear layer's MatMul / Gemm           cos ≥ 0.999 asserted
-           quantised by onnxruntime (``quantize_dynamic``: int8 weights per  (``INT8_MIN_COSINE``)
-           output channel, activations per call); front end, resize and
-           attention-score matmuls stay fp32
-=========  ===============================================================  =====================
+Measured (``bench/results/cpu_engines_cpu-2core_2026-12-03.md``, HTSAT-tiny audio, 10 s clips,
+batch 8, 2-core AVX512-BF16 EPYC, × laion_clap 1.1.7 fp32 in the same run) and fidelity on a
+trained model (``int8_fidelity_cpu-2core_2026-12-03.md``, HTSAT-mini, 512 held-out clips):
+
+=============  ===========================================================  ======  ===========
+engine         what runs                                                    × LAION  fidelity
+=============  ===========================================================  ======  ===========
+eager          the model in PyTorch (fp32, or under the caller's            0.93×   reference
+               ``autocast``)
+bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.06×   cos ≥ 0.99999
+compile        ``torch.compile`` of ``encode_audio`` / ``encode_text``,     —       exact (fp32)
+               static shapes (batches padded to a power of two); compiles
+               for minutes on 2 cores
+onnx           the ``export/`` graph in onnxruntime's CPU provider          1.15×   exact (≤ 1e-6)
+openvino       the same graph in OpenVINO, f32 inference precision          1.37×   exact (≤ 1e-6)
+openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.30×   **unsafe**:
+               (falls back to f32, with a warning, where OpenVINO cannot            cos 0.51 on a
+               compile at bf16)                                                     trained model
+int8           the same graph with every linear layer's MatMul / Gemm       1.75×   cos ≥ 0.999998,
+               quantised by onnxruntime (``quantize_dynamic``: int8                 metrics within
+               weights per output channel, activations per call); front             0.004 (bound
+               end, resize and attention-score matmuls stay fp32                    0.01); 0.99987
+                                                                                    on HTSAT-tiny
+=============  ===========================================================  ======  ===========
 
 The default (``engine=None``, no ``--engine``) is ``CLAP_FAST_ENGINE`` when set, else ``eager``
 in fp32: embeddings equal LAION's to float tolerance on every machine, which is this project's
 first promise. ``auto`` (``engine="auto"``, ``--engine auto`` or ``CLAP_FAST_ENGINE=auto``) is the
-fast choice for CPU inference when reduced precision (cos ≥ 0.9999 to fp32) is acceptable.
+fast choice for CPU inference when reduced precision (cos ≥ ``AUTO_MIN_COSINE`` = 0.9999 to
+fp32, measured on a trained model) is acceptable.
 
 ``auto`` decides from the CPU's capabilities, never by timing at run time:
 
 1. ``CLAP_FAST_ENGINE`` set in the environment -> that engine;
 2. the model is not on the CPU -> ``eager`` (Triton kernels on a GPU);
 3. the caller passed ``autocast`` -> ``eager`` under it;
-4. the CPU has bf16 dot-product units (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)
-   -> ``bf16`` (measured here 2.0–2.25× fp32 eager for HTSAT-tiny audio, 1.7–1.9× for
-   RoBERTa text, cos ≥ 0.9999);
-5. otherwise -> ``eager``. On the AVX2-only machine of issue 21, bf16 autocast was 6× slower
-   than fp32 (emulated), onnxruntime 0.98× and OpenVINO 1.06× eager: nothing measured there
-   beats fp32 eager reliably, and auto never picks a path that may be slower.
+4. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
+   and neither ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 nor ``ATEN_CPU_CAPABILITY`` below
+   avx512) -> ``bf16``, both towers (2.06× laion_clap above; 1.7–1.9× fp32 eager for RoBERTa
+   text). ``openvino_bf16`` is faster (2.30×) but lost the fp32 embeddings on a trained model,
+   and int8 is slower here (1.75×), so neither is picked;
+5. otherwise -> ``eager``. Under the AVX2-only simulation (``ONEDNN_MAX_CPU_ISA=AVX2
+   ATEN_CPU_CAPABILITY=avx2`` on the same CPU, ``cpu_engines_avx2sim_*``) bf16 autocast was
+   0.19× fp32 eager (emulated); on the real AVX2-only machine of issue 21 it was 6× slower,
+   onnxruntime 0.98× and OpenVINO 1.06× eager. int8 (onnxruntime) was 2.3× laion_clap in the
+   simulation, but onnxruntime ignores the ISA limit (it ran its AVX512-VNNI kernels), so that
+   is no AVX2 number: auto never picks a path that may be slower than fp32 eager.
 
-The int8, onnx, openvino and compile engines are for callers who ask for them (they export or
-compile on first use, seconds to minutes). Exported engines return L2-normalised embeddings, so
-they need ``normalize=True``. Built graphs are cached per model and rebuilt when its weights
-change (in-place updates bump the parameters' version counters).
+The int8, onnx, openvino(_bf16) and compile engines are for callers who ask for them (they
+export or compile on first use, seconds to minutes). Exported engines return L2-normalised
+embeddings, so they need ``normalize=True``. Built graphs are cached per model and rebuilt when
+its weights change (in-place updates bump the parameters' version counters).
 """
 
 from __future__ import annotations
@@ -55,9 +71,11 @@ __all__ = [
     "ENGINES",
     "EXPORTED",
     "INT8_MIN_COSINE",
+    "AUTO_MIN_COSINE",
     "CpuInfo",
     "Choice",
     "cpu_info",
+    "openvino_available",
     "auto_engine",
     "select",
     "clear_cache",
@@ -65,14 +83,31 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "int8")
+ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "openvino_bf16", "int8")
 """Values of ``engine=`` in the ``embed_*`` calls and of ``clap-fast … --engine``."""
-EXPORTED = ("onnx", "openvino", "int8")
+EXPORTED = ("onnx", "openvino", "openvino_bf16", "int8")
 """Engines that run an exported graph (CPU only; L2-normalised outputs)."""
 INT8_MIN_COSINE = 0.999
 """Bound on the row-wise cosine of int8 audio embeddings to fp32 eager (issue 21)."""
+AUTO_MIN_COSINE = 0.9999
+"""What ``auto`` may cost: row-wise cosine to fp32 eager measured ≥ this for what it picks."""
 ENV = "CLAP_FAST_ENGINE"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+"""oneDNN's run-time ISA limit (the first one set wins), which PyTorch's matmuls obey."""
+_ONEDNN_NATIVE_BF16 = (
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)
+"""oneDNN ISA limits at or above AVX512_CORE_BF16: bf16 dot products stay native under them."""
+_ATEN_BELOW_AVX512 = ("DEFAULT", "AVX2")
 _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -85,12 +120,22 @@ class CpuInfo:
     flags: frozenset[str] = field(default_factory=frozenset)
     """ISA flags of /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
     capability: str = ""
-    """``torch.backends.cpu.get_cpu_capability()``: the ATen kernels' ISA (AVX2, AVX512, …)."""
+    """``torch.backends.cpu.get_cpu_capability()``: the ATen kernels' ISA (AVX2, AVX512, …),
+    lowered by ``ATEN_CPU_CAPABILITY``."""
+    onednn_max_isa: str = ""
+    """``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) upper-cased; empty when unset."""
 
     @property
     def bf16_units(self) -> bool:
-        """Native bf16 dot products (AVX512-BF16 or AMX-BF16); without them bf16 is emulated."""
-        return any(f in self.flags for f in _BF16_FLAGS)
+        """Native bf16 dot products (AVX512-BF16 or AMX-BF16) that PyTorch may use: the CPU has
+        them, oneDNN is not limited below AVX512_CORE_BF16 and ATen not below AVX512 (with
+        either limit, as on an AVX2-only CPU, bf16 is emulated and slower than fp32)."""
+        if not any(f in self.flags for f in _BF16_FLAGS):
+            return False
+        isa = self.onednn_max_isa
+        if isa and isa not in ("ALL", "DEFAULT") and isa not in _ONEDNN_NATIVE_BF16:
+            return False
+        return self.capability.upper() not in _ATEN_BELOW_AVX512
 
     @property
     def int8_dot(self) -> bool:
@@ -100,12 +145,13 @@ class CpuInfo:
     def isa(self) -> str:
         """Short summary for logs and reports, e.g. 'AVX512 avx2 avx512f avx512_bf16 …'."""
         keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *_BF16_FLAGS, "amx_int8")
-        return " ".join([self.capability, *[f for f in keep if f in self.flags]]).strip()
+        limit = [f"oneDNN≤{self.onednn_max_isa}"] if self.onednn_max_isa else []
+        return " ".join([self.capability, *[f for f in keep if f in self.flags], *limit]).strip()
 
 
-@functools.cache
-def cpu_info() -> CpuInfo:
-    """This machine's CPU (read once per process)."""
+def _read_proc_cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, ISA flags) of the first CPU in /proc/cpuinfo; the platform's processor name
+    and no flags where there is no such file."""
     import platform
 
     model, flags = platform.processor() or platform.machine(), frozenset()
@@ -120,7 +166,23 @@ def cpu_info() -> CpuInfo:
                     break
     except OSError:
         pass
-    return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability())
+    return model, flags
+
+
+@functools.cache
+def cpu_info() -> CpuInfo:
+    """This machine's CPU and the ISA limits set in the environment (read once per process;
+    ``cpu_info.cache_clear()`` re-reads)."""
+    model, flags = _read_proc_cpuinfo()
+    limit = next((os.environ[k] for k in ONEDNN_ISA_ENV if os.environ.get(k)), "")
+    return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability(), limit.strip().upper())
+
+
+def openvino_available() -> bool:
+    """OpenVINO importable (the optional ``clap_fast[openvino]`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def auto_engine(
@@ -128,8 +190,10 @@ def auto_engine(
     *,
     autocast: torch.dtype | None = None,
     info: CpuInfo | None = None,
+    tower: str = "audio",
 ) -> tuple[str, str]:
-    """``auto``'s rules (module docstring): (engine, reason)."""
+    """``auto``'s rules (module docstring): (engine, reason). ``tower`` ("audio" | "text") is
+    in the signature for rules that differ per tower; none does at present."""
     env = os.environ.get(ENV)
     if env and env != "auto":
         if env not in ENGINES[1:]:
@@ -210,9 +274,10 @@ def select(
         raise ValueError(f"tower must be 'audio' or 'text', got {tower!r}")
     device = ops.device_of(model)
     if engine == "auto":
-        engine, reason = auto_engine(device, autocast=autocast)
+        engine, reason = auto_engine(device, autocast=autocast, tower=tower)
         if engine in EXPORTED and not normalize:
-            engine, reason = "eager", f"{reason}; normalize=False needs a PyTorch engine"
+            engine = "bf16" if engine == "openvino_bf16" else "eager"
+            reason = f"{reason}; normalize=False needs a PyTorch engine: {engine}"
     else:
         reason = "requested"
     if autocast is not None and engine != "eager":
@@ -225,11 +290,12 @@ def select(
             )
         if device.type != "cpu":
             raise ValueError(f"engine {engine!r} runs on the CPU; the model is on {device}")
-    if engine == "bf16" and device.type == "cpu" and not cpu_info().bf16_units:
+    if engine in ("bf16", "openvino_bf16") and device.type == "cpu" and not cpu_info().bf16_units:
         _log_once(
             (engine, "emulated"),
             logging.WARNING,
-            "engine 'bf16' on a CPU without bf16 units (%s): emulated, usually slower than fp32",
+            "engine %r on a CPU without bf16 units (%s): emulated, usually slower than fp32",
+            engine,
             cpu_info().isa(),
         )
     _log_once(
