@@ -298,6 +298,14 @@ def select(
             engine,
             cpu_info().isa(),
         )
+    if engine == "openvino_bf16":
+        _log_once(
+            (engine, "unsafe"),
+            logging.WARNING,
+            "engine 'openvino_bf16' is experimental: on a trained HTSAT-mini its audio embeddings "
+            "fell to cosine 0.51 of fp32 (bench/results/int8_fidelity_*); check them against "
+            "engine='eager' on your own data before use",
+        )
     _log_once(
         (id(model), tower, engine, reason),
         logging.INFO,
