@@ -15,14 +15,19 @@ Models (all batched on the first axis, dynamic batching on by default):
   the tower's tokenizer loads offline) -> ``embedding`` FP32 (B, 512).
 * ``clap_text_tokens``: ``input_ids`` / ``attention_mask`` INT64 (B, L) -> ``embedding``.
 
+With dynamic batching on, each name above is a checking front model (no batcher, one
+instance per ``--max-batch`` slot) that forwards each checked request over localhost gRPC to
+``<name>_batched``, where Triton's dynamic batcher groups them; see ``clap_fast.serve_front``
+for why (PyTriton 0.7 answers a whole batch with one error). ``--no-dynamic-batching`` binds
+each name directly, one request per execution.
+
 Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the
 model runs. Our checks (empty or non-finite waveform, audio over ``--max-seconds``, empty text,
 token ids outside the vocabulary, bad lengths) raise ``RequestError`` with a message naming
-the problem; PyTriton returns it as the error response and the server keeps running. (A
-0-sample waveform is refused earlier by PyTriton's proxy: "cannot cast view with zeros in
-shape".)
-PyTriton answers a failed execution for the whole dynamic batch, so requests batched in the
-same queue window as a bad one receive its error too (PyTriton 0.7 has no per-request errors).
+the problem; that request alone gets it as its error response, requests sent at the same time
+get their embeddings, and the server keeps running. (A 0-sample waveform is refused earlier,
+by the Python backend stub, with "cannot cast view with zeros in shape"; our code never sees
+it.)
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clap_fast.serve_front import BATCHED_SUFFIX, forward_infer
+
 __all__ = [
     "RequestError",
     "check_waveform",
@@ -50,6 +57,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+# PyTriton 0.7 start-up race with several instances of a model: instances 1.. connect to
+# instance 0's handshake socket as soon as the file exists, which can be a moment before it
+# listens ("Connection refused" in model.py initialize; seen on a loaded 2-core machine). The
+# model then fails to load; the server is restarted, at most this many times in all.
+START_TRIES = 3
 
 
 class RequestError(ValueError):
@@ -275,38 +289,73 @@ def run_server(args: Any) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with Triton(config=triton_cfg) as triton:
-        triton.bind(
-            model_name="clap_audio",
-            infer_func=audio_infer(engine, int(args.max_seconds * sr)),
-            inputs=[Tensor(name="waveform", dtype=np.float32, shape=(-1,))],
-            outputs=out, config=cfg, strict=True,
-        )  # fmt: skip
-        triton.bind(
-            model_name="clap_text_tokens",
-            infer_func=tokens_infer(engine, text_limits(model)),
-            inputs=[
+    front_cfg = ModelConfig(max_batch_size=args.max_batch, batcher=None)
+    url = f"127.0.0.1:{args.grpc_port}"
+
+    def bind(triton, name: str, infer: Callable, check: Callable, inputs: list) -> None:
+        """Without dynamic batching: one model, every execution one request. With it: the
+        checking front model ``name`` before the batched ``name_batched`` (serve_front)."""
+        if batcher is None:
+            triton.bind(model_name=name, infer_func=infer, inputs=inputs, outputs=out,
+                        config=front_cfg, strict=True)  # fmt: skip
+            return
+        batched = name + BATCHED_SUFFIX
+        triton.bind(model_name=batched, infer_func=infer, inputs=inputs, outputs=out,
+                    config=cfg, strict=True)  # fmt: skip
+        fronts = [forward_infer(url, batched, check) for _ in range(args.max_batch)]
+        triton.bind(model_name=name, infer_func=fronts, inputs=inputs, outputs=out,
+                    config=front_cfg, strict=True)  # fmt: skip
+
+    max_samples = int(args.max_seconds * sr)
+    limits = text_limits(model)
+
+    def bind_all(triton) -> None:
+        bind(
+            triton,
+            "clap_audio",
+            audio_infer(engine, max_samples),
+            lambda a: check_waveform(a["waveform"], max_samples),
+            [Tensor(name="waveform", dtype=np.float32, shape=(-1,))],
+        )
+        bind(
+            triton,
+            "clap_text_tokens",
+            tokens_infer(engine, limits),
+            lambda a: check_tokens(a["input_ids"], a["attention_mask"], *limits),
+            [
                 Tensor(name="input_ids", dtype=np.int64, shape=(-1,)),
                 Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
             ],
-            outputs=out, config=cfg, strict=True,
-        )  # fmt: skip
+        )
         try:
             model.tokenize(["probe"])
         except Exception as exc:  # RoBERTa's files are not available offline, for example
             log.warning("clap_text not served (tokenizer unavailable: %s)", exc)
         else:
-            triton.bind(
-                model_name="clap_text",
-                infer_func=text_infer(engine, model.tokenize),
-                inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
-                outputs=out, config=cfg, strict=True,
+            bind(
+                triton,
+                "clap_text",
+                text_infer(engine, model.tokenize),
+                lambda a: decode_texts(a["text"]),
+                [Tensor(name="text", dtype=np.bytes_, shape=(1,))],
+            )
+
+    for attempt in range(1, START_TRIES + 1):
+        with Triton(config=triton_cfg) as triton:
+            try:
+                bind_all(triton)
+            except Exception as exc:  # see START_TRIES
+                if attempt == START_TRIES:
+                    raise
+                log.warning("model load failed (%s); restarting the server (try %d of %d)",
+                            str(exc).splitlines()[0], attempt + 1, START_TRIES)  # fmt: skip
+                continue
+            log.info(
+                "serving %s (%s engine, %d Hz) on http :%d, grpc :%d, metrics :%d",
+                args.checkpoint, engine.name, sr, args.http_port, args.grpc_port, args.metrics_port,
             )  # fmt: skip
-        log.info(
-            "serving %s (%s engine, %d Hz) on http :%d, grpc :%d, metrics :%d",
-            args.checkpoint, engine.name, sr, args.http_port, args.grpc_port, args.metrics_port,
-        )  # fmt: skip
-        triton.serve()
+            triton.serve()
+        break
     log.info("server stopped")
     return 0
 

@@ -174,7 +174,7 @@ def test_concurrent_requests_are_batched(served):
     srv, model = served
     http, client = _http(srv)
     waves = [signals(1, 2 * 48000, seed=10 + i).numpy() for i in range(6)]
-    before = _counts(srv, "clap_audio")
+    before = _counts(srv, "clap_audio_batched")
     pending = []
     for w in waves:
         i = http.InferInput("waveform", list(w.shape), "FP32")
@@ -183,9 +183,32 @@ def test_concurrent_requests_are_batched(served):
     got = np.concatenate([p.get_result().as_numpy("embedding") for p in pending])
     want = model.embed_audio(torch.from_numpy(np.concatenate(waves)))
     assert _cos(got, want).min() >= 0.99999
-    after = _counts(srv, "clap_audio")
+    after = _counts(srv, "clap_audio_batched")
     n_inf, n_exec = after[0] - before[0], after[1] - before[1]
     assert n_inf == 6 and n_exec < n_inf, (n_inf, n_exec)  # requests shared executions
+
+
+def test_bad_request_in_a_batch_fails_alone(served):
+    """A NaN clip sent with good ones into one batching window: only it gets an error."""
+    from tritonclient.utils import InferenceServerException
+
+    srv, model = served
+    http, client = _http(srv)
+    waves = [signals(1, 2 * 48000, seed=20 + i).numpy() for i in range(3)]
+    bad = np.full((1, 2 * 48000), np.nan, np.float32)
+    before = _counts(srv, "clap_audio_batched")
+    pending = []
+    for w in (waves[0], bad, *waves[1:]):
+        i = http.InferInput("waveform", list(w.shape), "FP32")
+        i.set_data_from_numpy(w)
+        pending.append(client.async_infer("clap_audio", [i]))
+    with pytest.raises(InferenceServerException, match="NaN"):
+        pending[1].get_result()
+    got = np.concatenate([p.get_result().as_numpy("embedding") for p in [pending[0], *pending[2:]]])
+    want = model.embed_audio(torch.from_numpy(np.concatenate(waves)))
+    assert _cos(got, want).min() >= 0.99999
+    n_inf, n_exec = (a - b for a, b in zip(_counts(srv, "clap_audio_batched"), before))
+    assert n_inf == 3 and n_exec < n_inf, (n_inf, n_exec)  # the good ones shared a forward
 
 
 def test_bad_requests_get_named_errors_and_server_stays_up(served):
