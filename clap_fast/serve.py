@@ -38,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "compiled", "onnx", "aoti", "trt")
+ENGINES = ("eager", "bf16", "auto", "compiled", "onnx", "aoti", "trt")
 SETUP_HINT = "bash scripts/setup_serve.sh"
 _ROOT = Path(__file__).resolve().parents[1]  # the folder that holds clap_fast/ (and export/)
 
@@ -49,7 +49,13 @@ def build_parser(prog: str = "clap-fast serve") -> argparse.ArgumentParser:
         description="Serve clap_audio / clap_text / clap_text_tokens on Triton Inference Server.",
     )
     p.add_argument("checkpoint", help="checkpoint path (LAION .pt, HF dir, ours) or released name")
-    p.add_argument("--engine", choices=ENGINES, default="eager", help="default: eager")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="eager",
+        help="eager (default, fp32), bf16 / auto / compiled (clap_fast.engines), onnx; "
+        "aoti and trt are refused with the reason",
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from clap_fast import serve
-from clap_fast.serve_models import RequestError, check_tokens, check_waveform, decode_texts
+from clap_fast.serve_models import (
+    RequestError,
+    check_audio,
+    check_tokens,
+    check_waveform,
+    decode_texts,
+    make_engine,
+)
 from clap_fast.serve_process import ServerProcess
 from tests.helpers import randomize_bn, signals, small_model
 
@@ -36,6 +43,28 @@ def test_check_waveform_passes_rows():
     x = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
     rows = check_waveform(x, 100)
     assert len(rows) == 3 and all(np.array_equal(r, x[i]) for i, r in enumerate(rows))
+
+
+def test_check_audio_sample_rate():
+    x = np.zeros((2, 16000 * 16), np.float32)  # 16 s at 16 kHz
+    rate = np.full((2, 1), 16000, np.int32)
+    clips, rates = check_audio({"waveform": x}, 20.0, 48000)
+    assert rates == [48000, 48000] and len(clips) == 2
+    with pytest.raises(RequestError, match="too long"):  # the limit is in seconds at the rate
+        check_audio({"waveform": x, "sample_rate": rate}, 15.0, 48000)
+    assert check_audio({"waveform": x, "sample_rate": rate}, 17.0, 48000)[1] == [16000, 16000]
+    for bad, match in [(rate.astype(np.int64), "INT32"), (rate[:1], r"\(batch, 1\)"),
+                       (np.full((2, 1), 10, np.int32), r"in \[")]:  # fmt: skip
+        with pytest.raises(RequestError, match=match):
+            check_audio({"waveform": x, "sample_rate": bad}, 20.0, 48000)
+
+
+def test_unserved_engines_say_why():
+    with pytest.raises(ValueError, match="TensorRT"):
+        make_engine("trt", None, 4)
+    with pytest.raises(ValueError, match="export.aoti"):
+        make_engine("aoti", None, 4)
+    assert make_engine("compiled", None, 4).runtime == "compile"
 
 
 def test_check_tokens_and_texts():
@@ -111,7 +140,8 @@ def _http(srv):
 
 
 def _infer(mod, client, model_name, arrays: dict[str, np.ndarray]):
-    dt = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.object_: "BYTES"}
+    dt = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32", np.int64: "INT64",
+          np.object_: "BYTES"}  # fmt: skip
     inputs = []
     for name, a in arrays.items():
         i = mod.InferInput(name, list(a.shape), dt[a.dtype.type])
@@ -131,6 +161,11 @@ def test_audio_http_matches_embed_audio(served):
         got = _infer(http, client, "clap_audio", {"waveform": wave})
         assert got.shape == (len(wave), 512)
         assert _cos(got, model.embed_audio(torch.from_numpy(wave))).min() >= 0.99999
+    low = signals(2, 2 * 16000, seed=3).numpy()  # declared 16 kHz: resampled in the server
+    rate = np.full((2, 1), 16000, np.int32)
+    got = _infer(http, client, "clap_audio", {"waveform": low, "sample_rate": rate})
+    assert _cos(got, model.embed_audio(torch.from_numpy(low), 16000)).min() >= 0.99999
+    assert _cos(got, model.embed_audio(torch.from_numpy(low))).max() < 0.999  # rate was used
 
 
 def test_text_grpc_matches_embed_text(served):
@@ -237,8 +272,9 @@ def test_bad_requests_get_named_errors_and_server_stays_up(served):
     assert _cos(got, model.embed_audio(torch.from_numpy(ok))).min() >= 0.99999
 
 
-def test_onnx_engine_matches_eager_model(tmp_path_factory):
-    srv, model = _start(tmp_path_factory, "onnx")
+@pytest.mark.parametrize("engine", ["onnx", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_engine_matches_eager_model(tmp_path_factory, engine):
+    srv, model = _start(tmp_path_factory, engine)
     try:
         http, client = _http(srv)
         for wave in (signals(2, 3 * 48000).numpy(), signals(1, 12 * 48000, seed=1).numpy()):
