@@ -133,10 +133,11 @@ def served(tmp_path_factory):
     assert not srv.leftover, f"server processes left running: {srv.leftover}"
 
 
-def _http(srv):
+def _http(srv, timeout_s: float = 60.0):
     import tritonclient.http as http
 
-    return http, http.InferenceServerClient(srv.http_url, concurrency=8)
+    client = http.InferenceServerClient(srv.http_url, concurrency=8, network_timeout=timeout_s)
+    return http, client
 
 
 def _infer(mod, client, model_name, arrays: dict[str, np.ndarray]):
@@ -275,8 +276,8 @@ def test_bad_requests_get_named_errors_and_server_stays_up(served):
 @pytest.mark.parametrize("engine", ["onnx", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_engine_matches_eager_model(tmp_path_factory, engine):
     srv, model = _start(tmp_path_factory, engine)
-    try:
-        http, client = _http(srv)
+    try:  # compiled: the first request of each batch size compiles (minutes on 2 cores)
+        http, client = _http(srv, 900.0 if engine == "compiled" else 60.0)
         for wave in (signals(2, 3 * 48000).numpy(), signals(1, 12 * 48000, seed=1).numpy()):
             got = _infer(http, client, "clap_audio", {"waveform": wave})
             assert _cos(got, model.embed_audio(torch.from_numpy(wave))).min() >= 0.99999
