@@ -71,6 +71,13 @@ def build_parser(prog: str = "clap-fast serve") -> argparse.ArgumentParser:
         "--no-dynamic-batching", action="store_true", help="serve each request on its own"
     )
     p.add_argument(
+        "--front-instances",
+        type=int,
+        default=8,
+        help="dynamic batching: instances of the checking front model of clap_audio (at most "
+        "--max-batch; bounds the batch the batched model can form); text models get a quarter",
+    )
+    p.add_argument(
         "--max-seconds", type=float, default=120.0, help="longest audio clip accepted (seconds)"
     )
     p.add_argument("--onnx-dir", default=None, help="onnx engine: where the graphs are written")
@@ -88,6 +95,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.front_instances < 1:
+        raise ValueError(f"--front-instances must be >= 1, got {args.front_instances}")
     if args.max_queue_delay_us < 0:
         raise ValueError(f"--max-queue-delay-us must be >= 0, got {args.max_queue_delay_us}")
     if not args.max_seconds > 0:

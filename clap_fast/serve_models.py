@@ -15,10 +15,11 @@ Models (all batched on the first axis, dynamic batching on by default):
   the tower's tokenizer loads offline) -> ``embedding`` FP32 (B, 512).
 * ``clap_text_tokens``: ``input_ids`` / ``attention_mask`` INT64 (B, L) -> ``embedding``.
 
-With dynamic batching on, each name above is a checking front model (no batcher, one
-instance per ``--max-batch`` slot) that forwards each checked request over localhost gRPC to
-``<name>_batched``, where Triton's dynamic batcher groups them; see ``clap_fast.serve_front``
-for why (PyTriton 0.7 answers a whole batch with one error). ``--no-dynamic-batching`` binds
+With dynamic batching on, each name above is a checking front model (no batcher;
+``--front-instances`` instances for audio, a quarter of that for text) that forwards each
+checked request over localhost gRPC to ``<name>_batched``, where Triton's dynamic batcher
+groups them; see ``clap_fast.serve_front`` for why (PyTriton 0.7 answers a whole batch with one
+error). ``--no-dynamic-batching`` binds
 each name directly, one request per execution.
 
 Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the
@@ -338,7 +339,9 @@ def run_server(args: Any) -> int:
     front_cfg = ModelConfig(max_batch_size=args.max_batch, batcher=None)
     url = f"127.0.0.1:{args.grpc_port}"
 
-    def bind(triton, name: str, infer: Callable, check: Callable, inputs: list) -> None:
+    def bind(
+        triton, name: str, infer: Callable, check: Callable, inputs: list, fronts: int
+    ) -> None:
         """Without dynamic batching: one model, every execution one request. With it: the
         checking front model ``name`` before the batched ``name_batched`` (serve_front)."""
         if batcher is None:
@@ -348,11 +351,14 @@ def run_server(args: Any) -> int:
         batched = name + BATCHED_SUFFIX
         triton.bind(model_name=batched, infer_func=infer, inputs=inputs, outputs=out,
                     config=cfg, strict=True)  # fmt: skip
-        fronts = [forward_infer(url, batched, check) for _ in range(args.max_batch)]
-        triton.bind(model_name=name, infer_func=fronts, inputs=inputs, outputs=out,
+        # Each front instance is a Python-backend stub process; many of them starting at once
+        # on a small CPU time out PyTriton's start-up handshake (seen with 3 x 16 on 2 cores).
+        funcs = [forward_infer(url, batched, check) for _ in range(min(fronts, args.max_batch))]
+        triton.bind(model_name=name, infer_func=funcs, inputs=inputs, outputs=out,
                     config=front_cfg, strict=True)  # fmt: skip
 
     limits = text_limits(model)
+    text_fronts = max(1, args.front_instances // 4)  # a text forward takes milliseconds
 
     def bind_all(triton) -> None:
         bind(
@@ -364,6 +370,7 @@ def run_server(args: Any) -> int:
                 Tensor(name="waveform", dtype=np.float32, shape=(-1,)),
                 Tensor(name="sample_rate", dtype=np.int32, shape=(1,), optional=True),
             ],
+            args.front_instances,
         )
         bind(
             triton,
@@ -374,6 +381,7 @@ def run_server(args: Any) -> int:
                 Tensor(name="input_ids", dtype=np.int64, shape=(-1,)),
                 Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
             ],
+            text_fronts,
         )
         try:
             model.tokenize(["probe"])
@@ -386,6 +394,7 @@ def run_server(args: Any) -> int:
                 text_infer(engine, model.tokenize),
                 lambda a: decode_texts(a["text"]),
                 [Tensor(name="text", dtype=np.bytes_, shape=(1,))],
+                text_fronts,
             )
 
     for attempt in range(1, START_TRIES + 1):
