@@ -90,6 +90,8 @@ def test_serve_without_env_says_how_to_create_it(tmp_path, monkeypatch, caplog):
     assert serve.SETUP_HINT in caplog.text
     assert serve.serve_main(["ckpt", "--http-port", "1", "--grpc-port", "1"]) == 2
     assert "must differ" in caplog.text
+    assert serve.serve_main(["ckpt", "--front-instances", "0"]) == 2
+    assert "--front-instances must be >= 1" in caplog.text
 
 
 def test_server_env_puts_libpython_first():
