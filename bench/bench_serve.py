@@ -10,10 +10,11 @@ and once with dynamic batching on (``--max-batch``, the checking front model bef
 ``clap_audio_batched``); at each concurrency (1, 4, 16 by default) that many client threads,
 each with its own HTTP client, send 10 s clips until ``--requests`` are answered. Reported per
 row: throughput (clips/s), p50 / p99 latency (ms), and with batching on the mean batch of the
-batched model's executions (Triton's metrics). Goal (issue 16): at concurrency 16, batching on
+batched model's executions (Triton's metrics); one more row sends to ``clap_audio_batched``
+directly at the highest concurrency (the cost of the front model's extra hop). Goal (issue 16): at concurrency 16, batching on
 gives >= 2x the throughput of batch-1 serving with p99 <= 2x the batch-1 latency (batch-1
 serving, concurrency 1); >= 5x on a GPU. Next to it, the same engine in this process, without
-a server: median per-clip time of ``embed_audio`` at batch 1 and at batch 8 (``--inproc``), the
+a server: per-clip time of ``embed_audio`` at batch 1, 4 and 8, the
 ceiling of what batching can gain on this machine. Random weights (timing does not depend on
 them); every answer is checked once against the eager model (cosine >= 0.999).
 ``pytest bench`` runs a smoke test of the same code (two concurrency levels, few requests).
@@ -44,7 +45,9 @@ def _percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _load(url: str, wave: np.ndarray, concurrency: int, n: int) -> dict[str, float]:
+def _load(
+    url: str, wave: np.ndarray, concurrency: int, n: int, model: str = "clap_audio"
+) -> dict[str, float]:
     """Send n requests from `concurrency` threads; throughput and latency percentiles."""
     import tritonclient.http as http
 
@@ -62,7 +65,7 @@ def _load(url: str, wave: np.ndarray, concurrency: int, n: int) -> dict[str, flo
                     break
                 left[0] -= 1
             t = time.perf_counter()
-            client.infer("clap_audio", [inp])
+            client.infer(model, [inp])
             with lock:
                 lat.append(time.perf_counter() - t)
         client.close()
@@ -96,7 +99,7 @@ def _exec_counts(metrics_url: str, model: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def inprocess(model, engine: str, batches: tuple[int, ...] = (1, 8), clips: int = 16) -> dict:
+def inprocess(model, engine: str, batches: tuple[int, ...] = (1, 4, 8), clips: int = 24) -> dict:
     """Per-clip ms of ``embed_audio`` (10 s clips) at each batch size, no server: {batch:
     {"min": .., "median": ..}} over ``clips`` clips (after two warm-up calls). On a shared CPU
     the minimum is the steadier figure: a single call varies up to 10x with the load."""
@@ -167,12 +170,16 @@ def run(
                 if cos < 0.999:
                     raise RuntimeError(f"{engine} server answers wrong embeddings (cos {cos})")
                 metrics = f"127.0.0.1:{srv.metrics_port}"
-                for c in concurrency:
+                levels = [(c, "clap_audio") for c in concurrency]
+                if batching:  # the batched model without its front: the cost of the extra hop
+                    levels.append((max(concurrency), "clap_audio_batched"))
+                for c, target in levels:
                     before = _exec_counts(metrics, "clap_audio_batched")
-                    r = _load(srv.http_url, wave, c, max(requests, c))
+                    r = _load(srv.http_url, wave, c, max(requests, c), target)
                     after = _exec_counts(metrics, "clap_audio_batched")
                     n_exec = after[1] - before[1]
                     r["mean_batch"] = (after[0] - before[0]) / n_exec if n_exec > 0 else 1.0
+                    r["front"] = target == "clap_audio"
                     rows.append({"engine": engine, "batching": batching, "concurrency": c, **r})
                     log.info("%s", json.dumps(rows[-1]))
     return rows, per_clip
@@ -185,7 +192,7 @@ def summarize(rows: list[dict], per_clip: dict | None = None) -> list[str]:
     for engine in sorted({r["engine"] for r in rows}):
         rs = [r for r in rows if r["engine"] == engine]
         c = max(r["concurrency"] for r in rs)
-        on = next(r for r in rs if r["batching"] and r["concurrency"] == c)
+        on = next(r for r in rs if r["batching"] and r["front"] and r["concurrency"] == c)
         off = next(r for r in rs if not r["batching"] and r["concurrency"] == c)
         one = min((r for r in rs if not r["batching"]), key=lambda r: r["concurrency"])
         speed = on["clips_per_s"] / off["clips_per_s"]  # off = batch-1 serving
@@ -197,13 +204,14 @@ def summarize(rows: list[dict], per_clip: dict | None = None) -> list[str]:
         )
         if per_clip and engine in per_clip:
             pc = per_clip[engine]
-            b = max(pc)
-            one, big = pc[1], pc[b]
+            sizes = " / ".join(str(b) for b in pc)
+            mins = " / ".join(f"{v['min']:.0f}" for v in pc.values())
+            meds = " / ".join(f"{v['median']:.0f}" for v in pc.values())
+            best = min(pc, key=lambda b: pc[b]["min"])
             out.append(
-                f"{engine} in process (no server): per clip at batch 1 / batch {b}: min "
-                f"{one['min']:.0f} / {big['min']:.0f} ms, median {one['median']:.0f} / "
-                f"{big['median']:.0f} ms: batching gains {one['min'] / big['min']:.2f}x (min), "
-                f"{one['median'] / big['median']:.2f}x (median) per clip in the model itself"
+                f"{engine} in process (no server): per clip at batch {sizes}: min {mins} ms, "
+                f"median {meds} ms; the best batch ({best}) gains "
+                f"{pc[1]['min'] / pc[best]['min']:.2f}x per clip over batch 1 (min)"
             )
     return out
 
@@ -221,6 +229,8 @@ def report(rows: list[dict], meta: dict, per_clip: dict | None = None) -> str:
     ]
     for r in rows:
         mode = "dynamic batching" if r["batching"] else "batch-1"
+        if not r.get("front", True):
+            mode += " (clap_audio_batched directly, no front)"
         lines.append(
             f"| {r['engine']} | {mode} | {r['concurrency']} | {r['clips_per_s']:.2f} | "
             f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r.get('mean_batch', 1.0):.1f} |"
@@ -278,7 +288,7 @@ def test_bench_serve_smoke(tmp_path):
         pytest.skip(f"no serving environment; create it with: {SETUP_HINT}")
     pytest.importorskip("tritonclient.http")
     rows, per_clip = run(concurrency=(1, 2), requests=2, workdir=tmp_path, inproc=False)
-    assert len(rows) == 4 and all(r["clips_per_s"] > 0 for r in rows)
+    assert len(rows) == 5 and all(r["clips_per_s"] > 0 for r in rows)
     meta = {k: "-" for k in ("model", "machine", "date", "command", "versions")}
     assert "batch-1 serving throughput" in report(rows, meta, per_clip)
 

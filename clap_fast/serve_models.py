@@ -19,7 +19,8 @@ With dynamic batching on, each name above is a checking front model (no batcher;
 ``--front-instances`` instances for audio, a quarter of that for text) that forwards each
 checked request over localhost gRPC to ``<name>_batched``, where Triton's dynamic batcher
 groups them; see ``clap_fast.serve_front`` for why (PyTriton 0.7 answers a whole batch with one
-error). ``--no-dynamic-batching`` binds
+error). Clients may call ``<name>_batched`` directly: faster (one pass through Triton), but a bad
+request there fails every request batched with it. ``--no-dynamic-batching`` binds
 each name directly, one request per execution.
 
 Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the

@@ -289,5 +289,6 @@ def test_engine_matches_eager_model(tmp_path_factory, engine):
         want = model.embed_text_tokens(tok["input_ids"], tok["attention_mask"])
         assert _cos(got, want).min() >= 0.99999
     finally:
+        client.close()  # an open connection holds the server's shutdown for 30 s
         code = srv.stop()
     assert code == 0 and not srv.leftover, srv.log_tail()
