@@ -38,7 +38,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("eager", "compiled", "onnx", "aoti", "trt")
+ENGINES = ("eager", "bf16", "auto", "compiled", "onnx", "aoti", "trt")
 SETUP_HINT = "bash scripts/setup_serve.sh"
 _ROOT = Path(__file__).resolve().parents[1]  # the folder that holds clap_fast/ (and export/)
 
@@ -49,7 +49,13 @@ def build_parser(prog: str = "clap-fast serve") -> argparse.ArgumentParser:
         description="Serve clap_audio / clap_text / clap_text_tokens on Triton Inference Server.",
     )
     p.add_argument("checkpoint", help="checkpoint path (LAION .pt, HF dir, ours) or released name")
-    p.add_argument("--engine", choices=ENGINES, default="eager", help="default: eager")
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="eager",
+        help="eager (default, fp32), bf16 / auto / compiled (clap_fast.engines), onnx; "
+        "aoti and trt are refused with the reason",
+    )
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -63,6 +69,13 @@ def build_parser(prog: str = "clap-fast serve") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-dynamic-batching", action="store_true", help="serve each request on its own"
+    )
+    p.add_argument(
+        "--front-instances",
+        type=int,
+        default=8,
+        help="dynamic batching: instances of the checking front model of clap_audio (at most "
+        "--max-batch; bounds the batch the batched model can form); text models get a quarter",
     )
     p.add_argument(
         "--max-seconds", type=float, default=120.0, help="longest audio clip accepted (seconds)"
@@ -82,6 +95,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.front_instances < 1:
+        raise ValueError(f"--front-instances must be >= 1, got {args.front_instances}")
     if args.max_queue_delay_us < 0:
         raise ValueError(f"--max-queue-delay-us must be >= 0, got {args.max_queue_delay_us}")
     if not args.max_seconds > 0:

@@ -15,14 +15,21 @@ Models (all batched on the first axis, dynamic batching on by default):
   the tower's tokenizer loads offline) -> ``embedding`` FP32 (B, 512).
 * ``clap_text_tokens``: ``input_ids`` / ``attention_mask`` INT64 (B, L) -> ``embedding``.
 
+With dynamic batching on, each name above is a checking front model (no batcher;
+``--front-instances`` instances for audio, a quarter of that for text) that forwards each
+checked request over localhost gRPC to ``<name>_batched``, where Triton's dynamic batcher
+groups them; see ``clap_fast.serve_front`` for why (PyTriton 0.7 answers a whole batch with one
+error). Clients may call ``<name>_batched`` directly: faster (one pass through Triton), but a bad
+request there fails every request batched with it. ``--no-dynamic-batching`` binds
+each name directly, one request per execution.
+
 Errors: Triton itself rejects a wrong datatype, rank or a batch above ``--max-batch`` before the
 model runs. Our checks (empty or non-finite waveform, audio over ``--max-seconds``, empty text,
 token ids outside the vocabulary, bad lengths) raise ``RequestError`` with a message naming
-the problem; PyTriton returns it as the error response and the server keeps running. (A
-0-sample waveform is refused earlier by PyTriton's proxy: "cannot cast view with zeros in
-shape".)
-PyTriton answers a failed execution for the whole dynamic batch, so requests batched in the
-same queue window as a bad one receive its error too (PyTriton 0.7 has no per-request errors).
+the problem; that request alone gets it as its error response, requests sent at the same time
+get their embeddings, and the server keeps running. (A 0-sample waveform is refused earlier,
+by the Python backend stub, with "cannot cast view with zeros in shape"; our code never sees
+it.)
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clap_fast.serve_front import BATCHED_SUFFIX, forward_infer
+from clap_fast.validate import SAMPLE_RATE_RANGE
+
 __all__ = [
     "RequestError",
     "check_waveform",
+    "check_audio",
     "check_tokens",
     "decode_texts",
     "EagerEngine",
@@ -50,6 +61,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+# PyTriton 0.7 start-up race with several instances of a model: instances 1.. connect to
+# instance 0's handshake socket as soon as the file exists, which can be a moment before it
+# listens ("Connection refused" in model.py initialize; seen on a loaded 2-core machine). The
+# model then fails to load; the server is restarted, at most this many times in all.
+START_TRIES = 3
 
 
 class RequestError(ValueError):
@@ -73,6 +91,32 @@ def check_waveform(x: np.ndarray, max_samples: int) -> list[np.ndarray]:
     if not np.isfinite(x).all():
         raise RequestError("waveform contains NaN or Inf")
     return [np.ascontiguousarray(row) for row in x]
+
+
+def check_audio(
+    arrays: Mapping[str, np.ndarray], max_seconds: float, default_rate: int
+) -> tuple[list[np.ndarray], list[int]]:
+    """A ``clap_audio`` request -> (B clips of (T,) float32, B sample rates in Hz).
+
+    ``sample_rate`` is optional: INT32 (B, 1), one rate per row (default ``default_rate``);
+    the length limit is ``max_seconds`` at the row's rate."""
+    x = np.asarray(arrays["waveform"])
+    n = x.shape[0] if x.ndim else 0
+    if "sample_rate" not in arrays:
+        rates = [default_rate] * n
+    else:
+        r = np.asarray(arrays["sample_rate"])
+        if r.dtype != np.int32 or r.shape != (n, 1):
+            raise RequestError(
+                f"sample_rate must be INT32 (batch, 1) with batch = {n} (the waveform's rows), "
+                f"got {r.dtype} {r.shape}"
+            )
+        lo, hi = SAMPLE_RATE_RANGE
+        if r.min() < lo or r.max() > hi:
+            raise RequestError(f"sample_rate must be in [{lo}, {hi}] Hz, got {r[:, 0].tolist()}")
+        rates = [int(v) for v in r[:, 0]]
+    clips = check_waveform(x, int(max_seconds * min(rates, default=default_rate)))
+    return clips, rates
 
 
 def check_tokens(
@@ -129,23 +173,32 @@ def text_limits(model) -> tuple[int, int, bool]:
 
 # ------------------------------------------------------------------------------------ engines
 class EagerEngine:
-    """The PyTorch model itself: ``embed_audio`` / ``embed_text_tokens``."""
+    """The PyTorch model itself: ``embed_audio`` / ``embed_text_tokens``, run by one of
+    ``clap_fast.engines``' PyTorch engines (``runtime``: eager | bf16 | auto | compile)."""
 
-    name = "eager"
+    def __init__(self, model, max_batch: int, runtime: str = "eager") -> None:
+        self.model, self.max_batch, self.runtime = model, max_batch, runtime
+        self.name = runtime
 
-    def __init__(self, model, max_batch: int) -> None:
-        self.model, self.max_batch = model, max_batch
-
-    def embed_audio(self, clips: Sequence[np.ndarray]) -> np.ndarray:
-        """Clips of (T_i,) float32 at the model's rate -> (N, 512) float32, L2-normalised."""
-        sr = self.model.cfg.audio.sample_rate
-        waves = [torch.from_numpy(c) for c in clips]
-        return self.model.embed_audio(waves, sr, batch_size=self.max_batch).numpy()
+    def embed_audio(self, clips: Sequence[np.ndarray], rates: Sequence[int]) -> np.ndarray:
+        """Clips of (T_i,) float32 at rates[i] Hz -> (N, 512) float32, L2-normalised; clips
+        at another rate than the model's are resampled (as ``embed_audio`` does)."""
+        out = np.empty((len(clips), self.model.cfg.joint_embed_shape), np.float32)
+        for rate in sorted(set(rates)):  # one embed_audio call per rate in the batch
+            idx = [i for i, r in enumerate(rates) if r == rate]
+            waves = [torch.from_numpy(clips[i]) for i in idx]
+            out[idx] = self.model.embed_audio(
+                waves, rate, batch_size=self.max_batch, engine=self.runtime
+            ).numpy()
+        return out
 
     def embed_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(N, L) int64 ids and mask -> (N, 512) float32, L2-normalised."""
         out = self.model.embed_text_tokens(
-            torch.from_numpy(ids), torch.from_numpy(mask), batch_size=self.max_batch
+            torch.from_numpy(ids),
+            torch.from_numpy(mask),
+            batch_size=self.max_batch,
+            engine=self.runtime,
         )
         return out.numpy()
 
@@ -154,13 +207,12 @@ class OnnxEngine(EagerEngine):
     """Both towers exported by ``export.onnx`` and run by onnxruntime; the audio preparation
     (int16 round trip, fill, sliding windows, window pooling) is the model's own."""
 
-    name = "onnx"
-
     def __init__(self, model, max_batch: int, out_dir: str | Path) -> None:
         from export.onnx import export_tower
         from export.runners import OnnxRunner
 
         super().__init__(model, max_batch)
+        self.name = "onnx"
         if model.cfg.enable_fusion:
             raise ValueError("the onnx engine serves non-fusion models only; use --engine eager")
         self.runners = {}
@@ -168,12 +220,12 @@ class OnnxEngine(EagerEngine):
             res = export_tower(model, tower, out_dir, verify_batches=(1,))
             self.runners[tower] = OnnxRunner(res.path, "auto")
 
-    def embed_audio(self, clips: Sequence[np.ndarray]) -> np.ndarray:
-        from clap_fast.audio import prepare_batch
+    def embed_audio(self, clips: Sequence[np.ndarray], rates: Sequence[int]) -> np.ndarray:
+        from clap_fast.audio import prepare_batch, resample
 
-        batch = prepare_batch(
-            [torch.from_numpy(c) for c in clips], self.model.cfg.audio, fusion=False
-        )
+        sr = self.model.cfg.audio.sample_rate
+        waves = [resample(torch.from_numpy(c), r, sr) for c, r in zip(clips, rates)]
+        batch = prepare_batch(waves, self.model.cfg.audio, fusion=False)
         wins = batch.waveform
         feats = torch.cat(
             [
@@ -191,10 +243,14 @@ class OnnxEngine(EagerEngine):
         return out.numpy()
 
 
+# served engine -> clap_fast.engines runtime of EagerEngine
+_TORCH_ENGINES = {"eager": "eager", "bf16": "bf16", "auto": "auto", "compiled": "compile"}
+
+
 def make_engine(name: str, model, max_batch: int, onnx_dir: str | Path | None = None):
     """An engine by name; ValueError naming why for those this build cannot run."""
-    if name == "eager":
-        return EagerEngine(model, max_batch)
+    if name in _TORCH_ENGINES:
+        return EagerEngine(model, max_batch, _TORCH_ENGINES[name])
     if name == "onnx":
         import tempfile
 
@@ -204,7 +260,12 @@ def make_engine(name: str, model, max_batch: int, onnx_dir: str | Path | None = 
             "the trt engine is written against TensorRT 10, which is not installed here; "
             "deploy with `python -m export.triton` and NVIDIA's Triton container instead"
         )
-    raise ValueError(f"engine {name!r} is not served yet; use --engine eager or onnx")
+    if name == "aoti":
+        raise ValueError(
+            "the aoti engine is not served: build the .pt2 packages with `python -m export.aoti` "
+            "and load them with torch._inductor.aoti_load_package; serve --engine compiled instead"
+        )
+    raise ValueError(f"unknown engine {name!r}; one of {(*_TORCH_ENGINES, 'onnx')} is served")
 
 
 # ------------------------------------------------------------------------- infer functions
@@ -213,11 +274,12 @@ def _split(out: np.ndarray, counts: Sequence[int]) -> list[dict[str, np.ndarray]
     return [{"embedding": out[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def audio_infer(engine, max_samples: int) -> Callable[[list], list[dict[str, np.ndarray]]]:
+def audio_infer(engine, max_seconds: float, default_rate: int) -> Callable:
     def infer(requests: list) -> list[dict[str, np.ndarray]]:
-        per_req = [check_waveform(r["waveform"], max_samples) for r in requests]
-        clips = [c for clips in per_req for c in clips]
-        return _split(engine.embed_audio(clips), [len(c) for c in per_req])
+        per_req = [check_audio(r, max_seconds, default_rate) for r in requests]
+        clips = [c for clips, _ in per_req for c in clips]
+        rates = [r for _, rates in per_req for r in rates]
+        return _split(engine.embed_audio(clips, rates), [len(c) for c, _ in per_req])
 
     return infer
 
@@ -275,38 +337,83 @@ def run_server(args: Any) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    with Triton(config=triton_cfg) as triton:
-        triton.bind(
-            model_name="clap_audio",
-            infer_func=audio_infer(engine, int(args.max_seconds * sr)),
-            inputs=[Tensor(name="waveform", dtype=np.float32, shape=(-1,))],
-            outputs=out, config=cfg, strict=True,
-        )  # fmt: skip
-        triton.bind(
-            model_name="clap_text_tokens",
-            infer_func=tokens_infer(engine, text_limits(model)),
-            inputs=[
+    front_cfg = ModelConfig(max_batch_size=args.max_batch, batcher=None)
+    url = f"127.0.0.1:{args.grpc_port}"
+
+    def bind(
+        triton, name: str, infer: Callable, check: Callable, inputs: list, fronts: int
+    ) -> None:
+        """Without dynamic batching: one model, every execution one request. With it: the
+        checking front model ``name`` before the batched ``name_batched`` (serve_front)."""
+        if batcher is None:
+            triton.bind(model_name=name, infer_func=infer, inputs=inputs, outputs=out,
+                        config=front_cfg, strict=True)  # fmt: skip
+            return
+        batched = name + BATCHED_SUFFIX
+        triton.bind(model_name=batched, infer_func=infer, inputs=inputs, outputs=out,
+                    config=cfg, strict=True)  # fmt: skip
+        # Each front instance is a Python-backend stub process; many of them starting at once
+        # on a small CPU time out PyTriton's start-up handshake (seen with 3 x 16 on 2 cores).
+        funcs = [forward_infer(url, batched, check) for _ in range(min(fronts, args.max_batch))]
+        triton.bind(model_name=name, infer_func=funcs, inputs=inputs, outputs=out,
+                    config=front_cfg, strict=True)  # fmt: skip
+
+    limits = text_limits(model)
+    text_fronts = max(1, args.front_instances // 4)  # a text forward takes milliseconds
+
+    def bind_all(triton) -> None:
+        bind(
+            triton,
+            "clap_audio",
+            audio_infer(engine, args.max_seconds, sr),
+            lambda a: check_audio(a, args.max_seconds, sr),
+            [
+                Tensor(name="waveform", dtype=np.float32, shape=(-1,)),
+                Tensor(name="sample_rate", dtype=np.int32, shape=(1,), optional=True),
+            ],
+            args.front_instances,
+        )
+        bind(
+            triton,
+            "clap_text_tokens",
+            tokens_infer(engine, limits),
+            lambda a: check_tokens(a["input_ids"], a["attention_mask"], *limits),
+            [
                 Tensor(name="input_ids", dtype=np.int64, shape=(-1,)),
                 Tensor(name="attention_mask", dtype=np.int64, shape=(-1,)),
             ],
-            outputs=out, config=cfg, strict=True,
-        )  # fmt: skip
+            text_fronts,
+        )
         try:
             model.tokenize(["probe"])
         except Exception as exc:  # RoBERTa's files are not available offline, for example
             log.warning("clap_text not served (tokenizer unavailable: %s)", exc)
         else:
-            triton.bind(
-                model_name="clap_text",
-                infer_func=text_infer(engine, model.tokenize),
-                inputs=[Tensor(name="text", dtype=np.bytes_, shape=(1,))],
-                outputs=out, config=cfg, strict=True,
+            bind(
+                triton,
+                "clap_text",
+                text_infer(engine, model.tokenize),
+                lambda a: decode_texts(a["text"]),
+                [Tensor(name="text", dtype=np.bytes_, shape=(1,))],
+                text_fronts,
+            )
+
+    for attempt in range(1, START_TRIES + 1):
+        with Triton(config=triton_cfg) as triton:
+            try:
+                bind_all(triton)
+            except Exception as exc:  # see START_TRIES
+                if attempt == START_TRIES:
+                    raise
+                log.warning("model load failed (%s); restarting the server (try %d of %d)",
+                            str(exc).splitlines()[0], attempt + 1, START_TRIES)  # fmt: skip
+                continue
+            log.info(
+                "serving %s (%s engine, %d Hz) on http :%d, grpc :%d, metrics :%d",
+                args.checkpoint, engine.name, sr, args.http_port, args.grpc_port, args.metrics_port,
             )  # fmt: skip
-        log.info(
-            "serving %s (%s engine, %d Hz) on http :%d, grpc :%d, metrics :%d",
-            args.checkpoint, engine.name, sr, args.http_port, args.grpc_port, args.metrics_port,
-        )  # fmt: skip
-        triton.serve()
+            triton.serve()
+        break
     log.info("server stopped")
     return 0
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from clap_fast import serve
-from clap_fast.serve_models import RequestError, check_tokens, check_waveform, decode_texts
+from clap_fast.serve_models import (
+    RequestError,
+    check_audio,
+    check_tokens,
+    check_waveform,
+    decode_texts,
+    make_engine,
+)
 from clap_fast.serve_process import ServerProcess
 from tests.helpers import randomize_bn, signals, small_model
 
@@ -38,6 +45,28 @@ def test_check_waveform_passes_rows():
     assert len(rows) == 3 and all(np.array_equal(r, x[i]) for i, r in enumerate(rows))
 
 
+def test_check_audio_sample_rate():
+    x = np.zeros((2, 16000 * 16), np.float32)  # 16 s at 16 kHz
+    rate = np.full((2, 1), 16000, np.int32)
+    clips, rates = check_audio({"waveform": x}, 20.0, 48000)
+    assert rates == [48000, 48000] and len(clips) == 2
+    with pytest.raises(RequestError, match="too long"):  # the limit is in seconds at the rate
+        check_audio({"waveform": x, "sample_rate": rate}, 15.0, 48000)
+    assert check_audio({"waveform": x, "sample_rate": rate}, 17.0, 48000)[1] == [16000, 16000]
+    for bad, match in [(rate.astype(np.int64), "INT32"), (rate[:1], r"\(batch, 1\)"),
+                       (np.full((2, 1), 10, np.int32), r"in \[")]:  # fmt: skip
+        with pytest.raises(RequestError, match=match):
+            check_audio({"waveform": x, "sample_rate": bad}, 20.0, 48000)
+
+
+def test_unserved_engines_say_why():
+    with pytest.raises(ValueError, match="TensorRT"):
+        make_engine("trt", None, 4)
+    with pytest.raises(ValueError, match="export.aoti"):
+        make_engine("aoti", None, 4)
+    assert make_engine("compiled", None, 4).runtime == "compile"
+
+
 def test_check_tokens_and_texts():
     ids, mask = np.array([[5, 7, 2]]), np.ones((1, 3), np.int64)
     assert check_tokens(ids, mask, 10, 4, False)[0].dtype == np.int64
@@ -61,6 +90,8 @@ def test_serve_without_env_says_how_to_create_it(tmp_path, monkeypatch, caplog):
     assert serve.SETUP_HINT in caplog.text
     assert serve.serve_main(["ckpt", "--http-port", "1", "--grpc-port", "1"]) == 2
     assert "must differ" in caplog.text
+    assert serve.serve_main(["ckpt", "--front-instances", "0"]) == 2
+    assert "--front-instances must be >= 1" in caplog.text
 
 
 def test_server_env_puts_libpython_first():
@@ -104,14 +135,16 @@ def served(tmp_path_factory):
     assert not srv.leftover, f"server processes left running: {srv.leftover}"
 
 
-def _http(srv):
+def _http(srv, timeout_s: float = 60.0):
     import tritonclient.http as http
 
-    return http, http.InferenceServerClient(srv.http_url, concurrency=8)
+    client = http.InferenceServerClient(srv.http_url, concurrency=8, network_timeout=timeout_s)
+    return http, client
 
 
 def _infer(mod, client, model_name, arrays: dict[str, np.ndarray]):
-    dt = {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.object_: "BYTES"}
+    dt = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32", np.int64: "INT64",
+          np.object_: "BYTES"}  # fmt: skip
     inputs = []
     for name, a in arrays.items():
         i = mod.InferInput(name, list(a.shape), dt[a.dtype.type])
@@ -131,6 +164,11 @@ def test_audio_http_matches_embed_audio(served):
         got = _infer(http, client, "clap_audio", {"waveform": wave})
         assert got.shape == (len(wave), 512)
         assert _cos(got, model.embed_audio(torch.from_numpy(wave))).min() >= 0.99999
+    low = signals(2, 2 * 16000, seed=3).numpy()  # declared 16 kHz: resampled in the server
+    rate = np.full((2, 1), 16000, np.int32)
+    got = _infer(http, client, "clap_audio", {"waveform": low, "sample_rate": rate})
+    assert _cos(got, model.embed_audio(torch.from_numpy(low), 16000)).min() >= 0.99999
+    assert _cos(got, model.embed_audio(torch.from_numpy(low))).max() < 0.999  # rate was used
 
 
 def test_text_grpc_matches_embed_text(served):
@@ -174,7 +212,7 @@ def test_concurrent_requests_are_batched(served):
     srv, model = served
     http, client = _http(srv)
     waves = [signals(1, 2 * 48000, seed=10 + i).numpy() for i in range(6)]
-    before = _counts(srv, "clap_audio")
+    before = _counts(srv, "clap_audio_batched")
     pending = []
     for w in waves:
         i = http.InferInput("waveform", list(w.shape), "FP32")
@@ -183,9 +221,32 @@ def test_concurrent_requests_are_batched(served):
     got = np.concatenate([p.get_result().as_numpy("embedding") for p in pending])
     want = model.embed_audio(torch.from_numpy(np.concatenate(waves)))
     assert _cos(got, want).min() >= 0.99999
-    after = _counts(srv, "clap_audio")
+    after = _counts(srv, "clap_audio_batched")
     n_inf, n_exec = after[0] - before[0], after[1] - before[1]
     assert n_inf == 6 and n_exec < n_inf, (n_inf, n_exec)  # requests shared executions
+
+
+def test_bad_request_in_a_batch_fails_alone(served):
+    """A NaN clip sent with good ones into one batching window: only it gets an error."""
+    from tritonclient.utils import InferenceServerException
+
+    srv, model = served
+    http, client = _http(srv)
+    waves = [signals(1, 2 * 48000, seed=20 + i).numpy() for i in range(3)]
+    bad = np.full((1, 2 * 48000), np.nan, np.float32)
+    before = _counts(srv, "clap_audio_batched")
+    pending = []
+    for w in (waves[0], bad, *waves[1:]):
+        i = http.InferInput("waveform", list(w.shape), "FP32")
+        i.set_data_from_numpy(w)
+        pending.append(client.async_infer("clap_audio", [i]))
+    with pytest.raises(InferenceServerException, match="NaN"):
+        pending[1].get_result()
+    got = np.concatenate([p.get_result().as_numpy("embedding") for p in [pending[0], *pending[2:]]])
+    want = model.embed_audio(torch.from_numpy(np.concatenate(waves)))
+    assert _cos(got, want).min() >= 0.99999
+    n_inf, n_exec = (a - b for a, b in zip(_counts(srv, "clap_audio_batched"), before))
+    assert n_inf == 3 and n_exec < n_inf, (n_inf, n_exec)  # the good ones shared a forward
 
 
 def test_bad_requests_get_named_errors_and_server_stays_up(served):
@@ -214,10 +275,11 @@ def test_bad_requests_get_named_errors_and_server_stays_up(served):
     assert _cos(got, model.embed_audio(torch.from_numpy(ok))).min() >= 0.99999
 
 
-def test_onnx_engine_matches_eager_model(tmp_path_factory):
-    srv, model = _start(tmp_path_factory, "onnx")
-    try:
-        http, client = _http(srv)
+@pytest.mark.parametrize("engine", ["onnx", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_engine_matches_eager_model(tmp_path_factory, engine):
+    srv, model = _start(tmp_path_factory, engine)
+    try:  # compiled: the first request of each batch size compiles (minutes on 2 cores)
+        http, client = _http(srv, 900.0 if engine == "compiled" else 60.0)
         for wave in (signals(2, 3 * 48000).numpy(), signals(1, 12 * 48000, seed=1).numpy()):
             got = _infer(http, client, "clap_audio", {"waveform": wave})
             assert _cos(got, model.embed_audio(torch.from_numpy(wave))).min() >= 0.99999
@@ -227,5 +289,6 @@ def test_onnx_engine_matches_eager_model(tmp_path_factory):
         want = model.embed_text_tokens(tok["input_ids"], tok["attention_mask"])
         assert _cos(got, want).min() >= 0.99999
     finally:
+        client.close()  # an open connection holds the server's shutdown for 30 s
         code = srv.stop()
     assert code == 0 and not srv.leftover, srv.log_tail()
