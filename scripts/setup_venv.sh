@@ -9,10 +9,14 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=".venv/.clap_fast-installed"
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt scripts/setup_venv.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  # laion_clap 1.1.7 itself: tests/test_compat_laion.py runs the same calls through it and through
+  # clap_fast.compat.laion, and the benchmarks use it as the baseline. --no-deps: it pins
+  # numpy < 2; everything it imports comes with the dev extras.
+  .venv/bin/python -m pip install -q --no-deps laion_clap==1.1.7 torchlibrosa==0.1.0
   echo "$want" > "$stamp"
 fi
 
