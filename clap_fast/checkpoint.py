@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import zipfile
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
@@ -196,15 +195,6 @@ def _safetensors_metadata(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------ HF ClapModel
-_HF_BLOCK = [
-    ("layernorm_before", "norm1"),
-    ("layernorm_after", "norm2"),
-    ("attention.self.relative_position_bias_table", "attn.relative_position_bias_table"),
-    ("attention.self.relative_position_index", "attn.relative_position_index"),
-    ("attention.output.dense", "attn.proj"),
-    ("intermediate.dense", "mlp.fc1"),
-    ("output.dense", "mlp.fc2"),
-]
 
 
 def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -214,38 +204,21 @@ def from_hf_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     MLP-loss transforms; those keys are simply absent here and are filled from the model's own
     (deterministic or freshly initialised) values by ``load_into``.
     """
+    from clap_fast.hf_format import QKV_PARTS, hf_key_to_ours
+
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    qkv: dict[str, dict[int, torch.Tensor]] = {}
     for k, v in sd.items():
-        if k.startswith("text_model."):
-            out["text_branch." + k[len("text_model.") :]] = v
-        elif k.startswith(("text_projection.", "audio_projection.")):
-            out[k.replace(".linear1.", ".0.").replace(".linear2.", ".2.")] = v
-        elif k.startswith("audio_model.audio_encoder."):
-            rest = k[len("audio_model.audio_encoder.") :]
-            m = re.match(
-                r"(layers\.\d+\.blocks\.\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$",
-                rest,
-            )
-            if m:
-                qkv.setdefault(f"{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = v
-                continue
-            for a, b in _HF_BLOCK:
-                rest = re.sub(rf"(layers\.\d+\.blocks\.\d+)\.{re.escape(a)}\b", rf"\1.{b}", rest)
-            rest = (
-                rest.replace("batch_norm.", "bn0.", 1) if rest.startswith("batch_norm.") else rest
-            )
-            out["audio_branch." + rest] = v
-        elif k in ("logit_scale_a", "logit_scale_t"):
-            out[k] = v
+        key, part = hf_key_to_ours(k)  # other keys are left for load_into to report
+        if part is None:
+            out[key] = v
         else:
-            out[k] = v  # left for load_into to report as unexpected
+            qkv.setdefault(key, {})[part] = v
     for key, parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise CheckpointError(f"HF checkpoint lacks part of {key}: has {sorted(parts)}")
-        out["audio_branch." + key] = torch.cat(
-            [parts["query"], parts["key"], parts["value"]], dim=0
-        )
+        if len(parts) != len(QKV_PARTS):
+            have = sorted(QKV_PARTS[i] for i in parts)
+            raise CheckpointError(f"HF checkpoint lacks part of {key}: has {have}")
+        out[key] = torch.cat([parts[i] for i in range(len(QKV_PARTS))], dim=0)
     return out
 
 

@@ -25,6 +25,8 @@ __all__ = [
     "resolve_hub_id",
     "resolve_hub_file",
     "hf_config",
+    "hf_key_to_ours",
+    "QKV_PARTS",
     "to_hf_state_dict",
     "save_hf",
 ]
@@ -135,7 +137,7 @@ def hf_config(model):
     )
 
 
-_HF_TO_OURS_BLOCK = [
+_HF_BLOCK = [
     ("layernorm_before", "norm1"),
     ("layernorm_after", "norm2"),
     ("attention.self.relative_position_bias_table", "attn.relative_position_bias_table"),
@@ -147,8 +149,14 @@ _HF_TO_OURS_BLOCK = [
 _QKV = re.compile(r"(layers\.\d+\.blocks\.\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$")
 
 
-def _our_key(hf_key: str) -> tuple[str, int | None]:
-    """(our key, q/k/v part index or None) for one ClapModel key (inverse of from_hf_state_dict)."""
+QKV_PARTS = ("query", "key", "value")
+"""HF's separate attention projections, in the order of our fused ``qkv``."""
+
+
+def hf_key_to_ours(hf_key: str) -> tuple[str, int | None]:
+    """One ClapModel key -> (our key, index in ``QKV_PARTS`` of the slice of our fused ``qkv``
+    it holds, or None). Used both ways: ``checkpoint.from_hf_state_dict`` and
+    ``to_hf_state_dict``; keys it does not know come back unchanged."""
     if hf_key.startswith("text_model."):
         return "text_branch." + hf_key[len("text_model.") :], None
     if hf_key.startswith(("text_projection.", "audio_projection.")):
@@ -157,8 +165,8 @@ def _our_key(hf_key: str) -> tuple[str, int | None]:
         rest = hf_key[len("audio_model.audio_encoder.") :]
         m = _QKV.match(rest)
         if m:
-            return f"audio_branch.{m[1]}.attn.qkv.{m[3]}", ("query", "key", "value").index(m[2])
-        for a, b in _HF_TO_OURS_BLOCK:
+            return f"audio_branch.{m[1]}.attn.qkv.{m[3]}", QKV_PARTS.index(m[2])
+        for a, b in _HF_BLOCK:
             rest = re.sub(rf"(layers\.\d+\.blocks\.\d+)\.{re.escape(a)}\b", rf"\1.{b}", rest)
         if rest.startswith("batch_norm."):
             rest = "bn0." + rest[len("batch_norm.") :]
@@ -172,7 +180,7 @@ def to_hf_state_dict(model, hf_state: dict[str, torch.Tensor]) -> tuple[dict, li
     ours = model.state_dict()
     out, missing = {}, []
     for k, ref in hf_state.items():
-        key, part = _our_key(k)
+        key, part = hf_key_to_ours(k)
         if key not in ours:
             out[k] = ref
             missing.append(k)
