@@ -5,7 +5,9 @@ imports, and the pure-PyTorch reference from ``kernels/*_ref.py`` otherwise (the
 what ``torch.compile`` on the CPU and the ONNX exporter see).
 
 Overrides, strongest first:
-  * ``with ops.use_backend("triton" | "reference" | "auto"):`` (context-local),
+  * ``with ops.use_backend("triton" | "reference" | "auto"):`` (process-wide while the block
+    runs, innermost wins; a plain module global, not a ContextVar, so that ``torch.compile``
+    traces the dispatch: dynamo cannot trace ``ContextVar.get`` and broke the graph at every op),
   * the environment variable ``CLAP_FAST_BACKEND`` (read at each call),
   * ``auto``.
 
@@ -17,11 +19,11 @@ error otherwise.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -40,14 +42,14 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "reference")
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "clap_fast_backend", default=None
-)
+_override: str | None = None
+"""``use_backend``'s name while its block runs. Compiled code guards on it (a change recompiles)."""
+_override_lock = threading.Lock()
 
 
 def backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``CLAP_FAST_BACKEND``, else auto."""
-    name = _override.get() or os.environ.get("CLAP_FAST_BACKEND", "auto") or "auto"
+    name = _override or os.environ.get("CLAP_FAST_BACKEND", "auto") or "auto"
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"CLAP_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
@@ -60,11 +62,14 @@ def use_backend(name: str) -> Iterator[None]:
     name = name.strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    token = _override.set(name)
+    global _override
+    with _override_lock:
+        previous, _override = _override, name
     try:
         yield
     finally:
-        _override.reset(token)
+        with _override_lock:
+            _override = previous
 
 
 @functools.cache
@@ -97,8 +102,14 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _exporting() -> bool:
+    """Under an exporter (the ONNX exporters, ``torch.export`` for AOTInductor), not under
+    ``torch.compile``. ``torch.compiler.is_exporting()`` cannot tell them apart: dynamo folds it
+    to True in every trace (torch 2.11, ``torch/_dynamo/variables/torch.py``), which sent every
+    compiled op down the export branch (no Triton kernels; the STFT as a 16-GFLOP conv). The
+    flag ``torch.export`` sets around its trace is read instead (dynamo guards on it)."""
     onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
-    return bool((onnx_export is not None and onnx_export()) or torch.compiler.is_exporting())
+    in_onnx = onnx_export is not None and onnx_export()
+    return bool(in_onnx or getattr(torch.compiler, "_is_exporting_flag", False))
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

@@ -79,3 +79,43 @@ def test_mel_outside_the_kernels_limits_takes_the_reference_under_auto(monkeypat
     with ops.use_backend("auto"):
         out = ops.log_mel(x, fb, n_fft=128, hop_length=64)
     assert out.shape == (1, 4800 // 64 + 1, 16) and not called
+
+
+def test_compiled_model_is_one_graph_and_not_the_export_branch():
+    """torch.compile traces the whole audio tower as one graph (dynamo could not trace the
+    ContextVar that ``use_backend`` was) and takes the compile branch, not the export one
+    (dynamo folds ``torch.compiler.is_exporting()`` to True in every trace, which had sent
+    compiled models to the STFT-as-conv export path and, on a GPU, past the Triton kernels)."""
+    torch.manual_seed(0)
+    model = small_model(text="transformer").eval()
+    x = signals(1, 480000)
+    targets: set[str] = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(model.encode_audio, backend=backend, fullgraph=True)(x)
+        torch.testing.assert_close(got, model.encode_audio(x), rtol=1e-4, atol=1e-5)
+    assert any("fft_rfft" in t for t in targets), "the compiled front end is not the FFT one"
+    assert not any("conv1d" in t for t in targets), "the compiled graph took the export branch"
+
+
+def test_dispatch_inside_compile_and_export():
+    """``_exporting()`` is False under torch.compile and True under torch.export; a
+    ``use_backend`` change recompiles instead of reusing the other backend's graph."""
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            exporting = 1.0 if ops._exporting() else 0.0
+            reference = 10.0 if ops.backend() == "reference" else 0.0
+            return x + exporting + reference
+
+    probe, x = Probe(), torch.zeros(1)
+    compiled = torch.compile(probe, backend="eager", fullgraph=True)
+    assert compiled(x).item() == 0.0
+    with ops.use_backend("reference"):
+        assert compiled(x).item() == 10.0
+    assert compiled(x).item() == 0.0
+    assert torch.export.export(probe, (x,)).module()(x).item() == 1.0
