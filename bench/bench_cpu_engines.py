@@ -10,6 +10,8 @@ Providers (one run, the same weights and inputs; see ``clap_fast.engines``):
   openvino    the same graph in OpenVINO at f32 precision (skipped when not installed)
   openvino_bf16  the same graph in OpenVINO at bf16 inference precision (cos ≥ 0.9999 asserted)
   int8        the graph with its linear layers quantised by onnxruntime (dynamic, per channel)
+  int8_compile  static int8 (torchao PT2E, calibrated on the built-in sound set) compiled by
+              inductor to oneDNN int8 kernels; compiles once per batch size (minutes)
   auto        ``engine="auto"``, the default: what it picked is in ``extra_info["picked"]``
   compile     torch.compile (static shapes); only with CLAP_BENCH_COMPILE=1 (minutes on 2 cores)
 
@@ -47,6 +49,7 @@ PROVIDERS = [
     "openvino",
     "openvino_bf16",
     "int8",
+    "int8_compile",
     "auto",
     "compile",
 ]
@@ -89,6 +92,8 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
         pytest.skip(f"smoke run (--benchmark-disable): batch 1 of {SMOKE} only")
     if provider == "compile" and not COMPILE:
         pytest.skip("torch.compile on the CPU takes minutes on 2 cores (CLAP_BENCH_COMPILE=1)")
+    if provider == "int8_compile" and not engines.torchao_available():
+        pytest.skip("torchao is not installed (pip install torchao)")
     if provider.startswith("openvino") and importlib.util.find_spec("openvino") is None:
         pytest.skip("OpenVINO is not installed (pip install openvino)")
     if provider == "openvino_bf16" and not engines.cpu_info().bf16_units:
@@ -124,7 +129,7 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
         benchmark.extra_info["audio_hours_per_s"] = round(batch * 10 / 3600 / sec, 5)
     assert out.shape == (batch, 512)
     fp32 = agree.get("eager")
-    if fp32 is not None and provider == "int8":
+    if fp32 is not None and provider in ("int8", "int8_compile"):
         assert fp32["min_cosine"] >= engines.INT8_MIN_COSINE, fp32
     elif fp32 is not None and provider in ("bf16", "openvino_bf16", "auto"):
         assert fp32["min_cosine"] >= engines.AUTO_MIN_COSINE, fp32

@@ -86,7 +86,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int):
 
 # Providers that torch.compile or AOTInductor-package a model first (minutes on 2 cores): marked
 # ``slow`` so the CI smoke (``-m "not slow"``) leaves them out; real runs keep them.
-_COMPILING = re.compile(r"[\[-](compiled|aoti|naive_compiled|ref_compiled|ours_bf16_compiled)[\]-]")
+_COMPILING = re.compile(
+    r"[\[-](compiled|compile|int8_compile|aoti|naive_compiled|ref_compiled|ours_bf16_compiled)[\]-]"
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -24,10 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config as _inductor_config
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["build", "quantize_int8", "int8_nodes", "OpenVinoRunner"]
+__all__ = [
+    "build",
+    "quantize_int8",
+    "int8_nodes",
+    "calibration_inputs",
+    "quantise_audio_int8",
+    "OpenVinoRunner",
+]
 
 KEEP_FP32_SCHEMES: dict[str, tuple[str, ...]] = {
     "all": (),
@@ -47,10 +55,13 @@ FRONT_END_SCOPE = "/frontend/"
 def build(
     model: nn.Module, engine: str, tower: str, keep_fp32: tuple[str, ...] = ()
 ) -> Callable[..., torch.Tensor]:
-    """The encode callable of ``engine`` ("compile" | "onnx" | "openvino" | "openvino_bf16" |
-    "int8"); ``keep_fp32``: node-name fragments left in fp32 by int8 (see ``quantize_int8``)."""
+    """The encode callable of ``engine`` ("compile" | "int8_compile" | "onnx" | "openvino" |
+    "openvino_bf16" | "int8"); ``keep_fp32``: node-name fragments left in fp32 by int8 (see
+    ``quantize_int8``)."""
     if engine == "compile":
         return _compiled(model, tower)
+    if engine == "int8_compile":
+        return _int8_compiled(model, tower)
     if engine not in ("onnx", "openvino", "openvino_bf16", "int8"):
         raise ValueError(f"no builder for engine {engine!r}")
     with tempfile.TemporaryDirectory(prefix="clap_fast_engine_") as tmp, _model_state(model):
@@ -85,6 +96,139 @@ def _compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
         padded = [_pad_rows(t, target) for t in args]
         named = {k: _pad_rows(v, target) for k, v in kwargs.items()}
         return fn(*padded, **named)[:n]
+
+    return encode
+
+
+# ----------------------------------------------------------------------------- int8_compile
+CALIBRATION_CLIPS = 16
+"""Built-in synthetic clips (``clap_fast.synth``, 2 per class) that set int8_compile's
+activation scales."""
+
+
+class _AfterFrontEnd(nn.Module):
+    """``encode_audio`` from the fp32 log-mel on: (B, 1, T, F) ``mel``, or fusion views and
+    ``longer``. What int8_compile exports, quantises and compiles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, mel: torch.Tensor, longer: torch.Tensor | None = None) -> torch.Tensor:
+        if longer is None:
+            return self.model.encode_audio(mel=mel)
+        return self.model.encode_audio(mel_fusion=mel, longer=longer)
+
+
+def calibration_inputs(model: nn.Module) -> tuple[torch.Tensor, ...]:
+    """int8_compile's calibration rows: ``CALIBRATION_CLIPS`` synthetic clips through the same
+    preparation as ``embed_audio`` (``prepare_batch``; sliding windows for long clips), as
+    ``_AfterFrontEnd`` inputs: (log-mel,) or (mel_fusion, longer)."""
+    from clap_fast.audio import prepare_batch
+    from clap_fast.synth import generate_clip
+
+    cfg = model.cfg.audio
+    clips = [
+        torch.from_numpy(
+            generate_clip(i, sample_rate=cfg.sample_rate, split="calibration").waveform
+        )
+        for i in range(CALIBRATION_CLIPS)
+    ]
+    batch = prepare_batch(clips, cfg, fusion=model.cfg.enable_fusion, device=torch.device("cpu"))
+    with torch.no_grad():
+        if batch.waveform is not None:
+            return (model.audio_branch.log_mel(batch.waveform),)
+        return (batch.mel_fusion.float(), batch.longer.bool())
+
+
+def quantise_audio_int8(model: nn.Module) -> torch.fx.GraphModule:
+    """The audio tower after the front end (``_AfterFrontEnd``) as a PT2E int8 graph: exported
+    with a dynamic batch, annotated by ``X86InductorQuantizer`` (int8 weights per output
+    channel, uint8 activations per tensor; linear layers only, convolutions stay fp32),
+    calibrated on ``calibration_inputs`` and converted. Run eagerly it simulates int8 (quantise /
+    dequantise around fp32 maths); inductor with freezing lowers it to oneDNN's int8 kernels."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError as exc:
+        raise ValueError(
+            "engine 'int8_compile' needs torchao: pip install torchao (extra: clap_fast[int8])"
+        ) from exc
+
+    calib = calibration_inputs(model)
+    body = _AfterFrontEnd(model).eval()
+    rows = calib[0].shape[0]
+    log.info("int8_compile: exporting the audio tower, calibrating on %d rows", rows)
+    from clap_fast.engines import cpu_info
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _model_state(model), torch.no_grad():
+        # strict export: the quantizer finds linear layers by dynamo's source records
+        graph = torch.export.export(
+            body, tuple(t[:2] for t in calib), dynamic_shapes=[{0: batch}] * len(calib),
+            strict=True,
+        ).module()  # fmt: skip
+        quantizer = xiq.X86InductorQuantizer()
+        # without VNNI / AMX, oneDNN's u8·s8 multiply-adds saturate: 7-bit activations
+        # (AVX2 simulation: cosine 0.9986 to fp32 with full range)
+        reduce_range = not cpu_info().int8_dot
+        quantizer.set_global(
+            xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+        )
+        # convolutions stay fp32: HTS-AT's one is the patch embedding (2 ms of ~400 per batch
+        # of 8); an int8 one failed inductor's weight prepack in one trial configuration and
+        # was not pursued. PANN towers get int8 in their linear layers only.
+        quantizer.set_module_type_qconfig(nn.Conv2d, None)
+        prepared = prepare_pt2e(graph, quantizer)
+        for i in range(0, rows, 8):
+            prepared(*(t[i : i + 8] for t in calib))
+        return convert_pt2e(prepared)
+
+
+def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
+    """Static int8 audio tower (``quantise_audio_int8``) compiled by inductor with freezing to
+    oneDNN int8 kernels (VNNI / AMX where the CPU has them); the log-mel front end runs fp32
+    eager before it. Text: fp32 eager (``model.encode_text``).
+
+    Quantised once (export, calibration, conversion: about 30 s on 2 cores for HTSAT-tiny);
+    compiled with static shapes: each call's batch is padded to the next power of two, and each
+    such size compiles once (about 80 s on 2 cores)."""
+    if tower == "text":
+        log.info("int8_compile quantises the audio tower only; the text tower runs fp32 eager")
+        return model.encode_text
+    graph = quantise_audio_int8(model)
+    # the fidelity check runs the graph eagerly (simulated int8): no extra compiled size
+    _check_fidelity(model, tower, _after_front_end(model, graph), "int8_compile")
+    return _after_front_end(model, torch.compile(graph, dynamic=False), compiled=True)
+
+
+def _after_front_end(
+    model: nn.Module, fn: Callable[..., torch.Tensor], compiled: bool = False
+) -> Callable[..., torch.Tensor]:
+    """The audio encode callable over ``fn`` (an ``_AfterFrontEnd`` graph): fp32 log-mel first;
+    compiled: batches padded to the next power of two (one static graph per size)."""
+
+    def encode(
+        waveform: torch.Tensor | None = None,
+        *,
+        mel_fusion: torch.Tensor | None = None,
+        longer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if waveform is not None:
+            inputs = (model.audio_branch.log_mel(waveform.float()),)
+        else:
+            inputs = (mel_fusion.float(), longer.bool())
+        n = inputs[0].shape[0]
+        if not compiled:
+            with torch.no_grad():
+                return fn(*inputs)
+        size = 1 << max(0, (n - 1).bit_length())
+        # Freezing (weights as constants, prepacked for oneDNN) is what lowers the int8 pattern
+        # to oneDNN's int8 linear; it must be in inductor's global config while the graph
+        # compiles (as torch.compile(options={"freezing": True}) the weight prepacks met fake
+        # tensors and failed). Outside inference mode: inductor wants plain tensors.
+        with torch.inference_mode(False), torch.no_grad(), _inductor_config.patch(freezing=True):
+            return fn(*(_pad_rows(t, size).clone() for t in inputs))[:n]
 
     return encode
 
@@ -190,7 +334,7 @@ def _check_fidelity(
     from clap_fast.engines import AUTO_MIN_COSINE, INT8_MIN_COSINE
     from export.onnx import tower_inputs
 
-    bound = INT8_MIN_COSINE if engine == "int8" else AUTO_MIN_COSINE
+    bound = INT8_MIN_COSINE if engine.startswith("int8") else AUTO_MIN_COSINE
 
     _, args = tower_inputs(model, tower, 2, seed=7)
     with torch.inference_mode():

@@ -9,16 +9,22 @@ engine         what runs                                                    × L
 =============  ===========================================================  ======  ===========
 eager          the model in PyTorch (fp32, or under the caller's            0.93×   reference
                ``autocast``)
-bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.06×   cos ≥ 0.99999
+bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.07×   cos ≥ 0.99999
 compile        ``torch.compile`` of ``encode_audio`` / ``encode_text``,     —       exact (fp32)
                static shapes (batches padded to a power of two); compiles
                for minutes on 2 cores
-onnx           the ``export/`` graph in onnxruntime's CPU provider          1.15×   exact (≤ 1e-6)
-openvino       the same graph in OpenVINO, f32 inference precision          1.37×   exact (≤ 1e-6)
-openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.30×   **unsafe**:
-               (falls back to f32, with a warning, where OpenVINO cannot            cos 0.51 on a
+int8_compile   audio: static int8 (torchao PT2E, ``X86InductorQuantizer``;  2.71×   cos ≥ 0.9996,
+               int8 weights per channel, activation scales calibrated on            metrics within
+               16 built-in synthetic clips) compiled by inductor with                 0.004 (bound
+               freezing to oneDNN int8 kernels (VNNI); front end and                  0.01); 0.9997
+               patch-embedding convolution fp32. Text: fp32 eager.                    on HTSAT-tiny
+               Quantises in ~30 s, compiles ~80 s per padded batch size
+onnx           the ``export/`` graph in onnxruntime's CPU provider          1.37×   exact (≤ 1e-6)
+openvino       the same graph in OpenVINO, f32 inference precision          1.57×   exact (≤ 1e-6)
+openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.54×   **unsafe**:
+               (falls back to f32, with a warning, where OpenVINO cannot            cos 0.38 on a
                compile at bf16)                                                     trained model
-int8           the same graph with every linear layer's MatMul / Gemm       1.75×   cos ≥ 0.999998,
+int8           the same graph with every linear layer's MatMul / Gemm       2.27×   cos ≥ 0.99998,
                quantised by onnxruntime (``quantize_dynamic``: int8                 metrics within
                weights per output channel, activations per call); front             0.004 (bound
                end, resize and attention-score matmuls stay fp32                    0.01); 0.99987
@@ -38,9 +44,12 @@ fp32, measured on a trained model) is acceptable.
 3. the caller passed ``autocast`` -> ``eager`` under it;
 4. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
    and neither ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 nor ``ATEN_CPU_CAPABILITY`` below
-   avx512) -> ``bf16``, both towers (2.06× laion_clap above; 1.7–1.9× fp32 eager for RoBERTa
-   text). ``openvino_bf16`` is faster (2.30×) but lost the fp32 embeddings on a trained model,
-   and int8 is slower here (1.75×), so neither is picked;
+   avx512) -> ``bf16``, both towers (2.07× laion_clap above, 2.63× in the same run's ``auto``
+   row: this machine's noise; 1.7–1.9× fp32 eager for RoBERTa text). ``openvino_bf16`` lost
+   the fp32 embeddings on a trained model; int8 (2.27×; 1.75× in an earlier run) is no clear
+   win over bf16 and needs an export; ``int8_compile`` is the fastest (2.71×) but quantises
+   and compiles for minutes on first use and its activation scales come from synthetic
+   calibration clips — so none of them is picked;
 5. otherwise -> ``eager``. Under the AVX2-only simulation (``ONEDNN_MAX_CPU_ISA=AVX2
    ATEN_CPU_CAPABILITY=avx2`` on the same CPU, ``cpu_engines_avx2sim_*``) bf16 autocast was
    0.19× fp32 eager (emulated); on the real AVX2-only machine of issue 21 it was 6× slower,
@@ -48,8 +57,9 @@ fp32, measured on a trained model) is acceptable.
    simulation, but onnxruntime ignores the ISA limit (it ran its AVX512-VNNI kernels), so that
    is no AVX2 number: auto never picks a path that may be slower than fp32 eager.
 
-The int8, onnx, openvino(_bf16) and compile engines are for callers who ask for them (they
-export or compile on first use, seconds to minutes). Exported engines return L2-normalised
+The int8, int8_compile, onnx, openvino(_bf16) and compile engines are for callers who ask for
+them (they export or compile on first use, seconds to minutes); for a bulk job on an x86 CPU
+with VNNI, ``int8_compile`` is the fastest measured. Exported engines return L2-normalised
 embeddings, so they need ``normalize=True``. Built graphs are cached per model and rebuilt when
 its weights change (in-place updates bump the parameters' version counters).
 """
@@ -83,7 +93,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "eager", "bf16", "compile", "onnx", "openvino", "openvino_bf16", "int8")
+ENGINES = (
+    "auto", "eager", "bf16", "compile", "int8_compile", "onnx", "openvino", "openvino_bf16", "int8",
+)  # fmt: skip
 """Values of ``engine=`` in the ``embed_*`` calls and of ``clap-fast … --engine``."""
 EXPORTED = ("onnx", "openvino", "openvino_bf16", "int8")
 """Engines that run an exported graph (CPU only; L2-normalised outputs)."""
@@ -109,6 +121,8 @@ _ONEDNN_NATIVE_BF16 = (
 """oneDNN ISA limits at or above AVX512_CORE_BF16: bf16 dot products stay native under them."""
 _ATEN_BELOW_AVX512 = ("DEFAULT", "AVX2")
 _INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_ONEDNN_NO_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+"""oneDNN ISA limits below VNNI (AVX2_VNNI and AVX512_CORE_VNNI and later keep it)."""
 
 
 @dataclass(frozen=True)
@@ -139,8 +153,13 @@ class CpuInfo:
 
     @property
     def int8_dot(self) -> bool:
-        """VNNI / AMX int8 dot products (without them int8 GEMMs saturate: reduce_range)."""
-        return any(f in self.flags for f in _INT8_DOT_FLAGS)
+        """VNNI / AMX int8 dot products that oneDNN may use: the CPU has them and
+        ``ONEDNN_MAX_CPU_ISA`` is not below them (AVX2, AVX512_CORE). Without them u8·s8
+        multiply-adds saturate, so int8 engines quantise with reduced range."""
+        if not any(f in self.flags for f in _INT8_DOT_FLAGS):
+            return False
+        isa = self.onednn_max_isa
+        return not isa or isa not in _ONEDNN_NO_VNNI
 
     def isa(self) -> str:
         """Short summary for logs and reports, e.g. 'AVX512 avx2 avx512f avx512_bf16 …'."""
@@ -176,6 +195,13 @@ def cpu_info() -> CpuInfo:
     model, flags = _read_proc_cpuinfo()
     limit = next((os.environ[k] for k in ONEDNN_ISA_ENV if os.environ.get(k)), "")
     return CpuInfo(model, flags, torch.backends.cpu.get_cpu_capability(), limit.strip().upper())
+
+
+def torchao_available() -> bool:
+    """torchao importable (engine ``int8_compile``'s quantiser; the ``clap_fast[int8]`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
 
 
 def openvino_available() -> bool:
@@ -288,8 +314,8 @@ def select(
                 f"engine {engine!r} returns L2-normalised embeddings; use normalize=True or "
                 "engine='eager' / 'bf16' / 'compile'"
             )
-        if device.type != "cpu":
-            raise ValueError(f"engine {engine!r} runs on the CPU; the model is on {device}")
+    if (engine in EXPORTED or engine == "int8_compile") and device.type != "cpu":
+        raise ValueError(f"engine {engine!r} runs on the CPU; the model is on {device}")
     if engine in ("bf16", "openvino_bf16") and device.type == "cpu" and not cpu_info().bf16_units:
         _log_once(
             (engine, "emulated"),

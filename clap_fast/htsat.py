@@ -338,10 +338,12 @@ class HTSAT(nn.Module):
         self,
         waveform: torch.Tensor | None = None,
         *,
+        mel: torch.Tensor | None = None,
         mel_fusion: torch.Tensor | None = None,
         longer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pooled embedding (B, 8C) from a (B, L) waveform, or (fusion) (B, 4, T, F) + (B,) bool."""
+        """Pooled embedding (B, 8C) from a (B, L) waveform (or its ``log_mel`` (B, 1, T, F) as
+        ``mel``), or (fusion) (B, 4, T, F) + (B,) bool."""
         if self.enable_fusion:
             if mel_fusion is None:
                 raise ValueError("a fusion model takes mel_fusion (B, 4, T, F) and longer (B,)")
@@ -351,9 +353,11 @@ class HTSAT(nn.Module):
                 longer[torch.randint(0, longer.shape[0], (1,))] = True
             tokens = self.forward_mel(mel_fusion.to(self.bn0.weight.dtype), longer)
         else:
-            if waveform is None:
-                raise ValueError("a non-fusion model takes a (B, L) waveform")
-            tokens = self.forward_mel(self.log_mel(waveform))
+            if mel is None:
+                if waveform is None:
+                    raise ValueError("a non-fusion model takes a (B, L) waveform")
+                mel = self.log_mel(waveform)
+            tokens = self.forward_mel(mel)
         return tokens.mean(dim=1)
 
     def forward_classifier(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -167,15 +167,18 @@ class CLAP(InferenceMixin, nn.Module):
         self,
         waveform: torch.Tensor | None = None,
         *,
+        mel: torch.Tensor | None = None,
         mel_fusion: torch.Tensor | None = None,
         longer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Projected, unnormalised audio features (B, 512).
 
-        Non-fusion: ``waveform`` (B, clip_samples) float32. Fusion: ``mel_fusion``
-        (B, 4, 1001, 64) HTK log-mel views and ``longer`` (B,) bool.
+        Non-fusion: ``waveform`` (B, clip_samples) float32, or instead its log-mel
+        ``mel = self.audio_branch.log_mel(waveform)`` (B, 1, T, mel_bins) (what the
+        ``int8_compile`` engine quantises: the front end stays fp32 outside it). Fusion:
+        ``mel_fusion`` (B, 4, 1001, 64) HTK log-mel views and ``longer`` (B,) bool.
         """
-        pooled = self.audio_branch(waveform, mel_fusion=mel_fusion, longer=longer)
+        pooled = self.audio_branch(waveform, mel=mel, mel_fusion=mel_fusion, longer=longer)
         return self.audio_projection(pooled)
 
     def encode_text(

@@ -93,8 +93,15 @@ class PANN(nn.Module):
         return F.dropout(x, p=0.5, training=self.training)
 
     def forward(
-        self, waveform: torch.Tensor | None = None, **unused: torch.Tensor | None
+        self,
+        waveform: torch.Tensor | None = None,
+        *,
+        mel: torch.Tensor | None = None,
+        **unused: torch.Tensor | None,
     ) -> torch.Tensor:
-        if waveform is None:
-            raise ValueError("a PANN tower takes a (B, L) waveform")
-        return self.forward_mel(self.log_mel(waveform))
+        """(B, L) waveform, or its ``log_mel`` (B, 1, T, mel_bins) as ``mel`` -> (B, width)."""
+        if mel is None:
+            if waveform is None:
+                raise ValueError("a PANN tower takes a (B, L) waveform")
+            mel = self.log_mel(waveform)
+        return self.forward_mel(mel)

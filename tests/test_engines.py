@@ -107,6 +107,22 @@ def test_auto_respects_isa_limits(no_env, monkeypatch, env, value, bf16):
         engines.cpu_info.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "flags, isa, want",
+    [
+        ({"avx2", "avx512_vnni"}, "", True),
+        ({"avx2", "avx512_vnni"}, "AVX512_CORE_VNNI", True),
+        ({"avx2", "avx512_vnni"}, "AVX2", False),  # the AVX2 simulation: no VNNI for oneDNN
+        ({"avx2", "avx512_vnni"}, "AVX512_CORE", False),
+        ({"avx2", "avx_vnni"}, "AVX2_VNNI", True),
+        ({"avx2", "fma"}, "", False),
+    ],
+)
+def test_int8_dot_respects_the_onednn_isa_limit(flags, isa, want):
+    """int8 engines quantise with reduced range where oneDNN has no VNNI / AMX int8 dot."""
+    assert CpuInfo("test", frozenset(flags), "AVX2", isa).int8_dot is want
+
+
 def test_auto_env_override(monkeypatch):
     monkeypatch.setenv(engines.ENV, "int8")
     assert auto_engine(CPU, info=BF16)[0] == "int8"
@@ -244,6 +260,82 @@ def test_openvino_bf16_engine(model, synth_clips):
         assert not torch.equal(got, f32)  # it did run at bf16 (elsewhere OpenVINO runs f32)
     with pytest.raises(ValueError, match="precision"):
         engine_runtimes.OpenVinoRunner("unused.onnx", precision="int4")
+
+
+def test_int8_compile_quantises_the_linear_layers(model, synth_clips):
+    """quantise_audio_int8: every linear layer of the audio tower (Swin blocks, patch merging,
+    projection) gets int8 weights and a calibrated uint8 input; the patch-embedding convolution
+    and the front end stay fp32. Run eagerly (simulated int8) it stays within INT8_MIN_COSINE
+    of fp32 on the built-in sound set, and the mel entry point equals the waveform one."""
+    pytest.importorskip("torchao")
+    from clap_fast.audio import prepare_batch
+
+    q = engine_runtimes.quantise_audio_int8(model)
+    targets = [str(n.target) for n in q.graph.nodes if n.op == "call_function"]
+    linear = sum(  # ``head`` (AudioSet classes) is not on the embedding path
+        isinstance(m, torch.nn.Linear)
+        for part in (model.audio_branch.layers, model.audio_projection)
+        for m in part.modules()
+    )
+    weights = sum("dequantize_per_channel" in t for t in targets)
+    assert weights == linear  # one int8 weight per linear layer, none for the convolution
+    assert sum(t.startswith("quantized_decomposed.quantize_per_tensor") for t in targets) >= linear
+    assert sum("conv2d" in t for t in targets) == 1  # the patch embedding, fp32
+    wave = prepare_batch(
+        [torch.from_numpy(c) for c in synth_clips], model.cfg.audio, fusion=False
+    ).waveform
+    with torch.no_grad():
+        mel = model.audio_branch.log_mel(wave)
+        ref = model.encode_audio(wave)
+        torch.testing.assert_close(model.encode_audio(mel=mel), ref, rtol=0, atol=0)
+        got = q(mel)
+    assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
+
+
+def test_int8_compile_quantises_fusion_and_pann_towers():
+    """The same PT2E flow on a fusion HTS-AT (mel views + longer as inputs) and on a PANN tower
+    (only its linear layers are quantised; convolutions stay fp32): close to fp32 eagerly."""
+    pytest.importorskip("torchao")
+    from clap_fast.audio import prepare_batch
+
+    clips = [torch.from_numpy(generate_clip(i, seed=5, split="engines").waveform) for i in range(4)]
+    for m in (small_model(enable_fusion=True), small_model("PANN-10")):
+        randomize_bn(m)
+        q = engine_runtimes.quantise_audio_int8(m)
+        batch = prepare_batch(clips, m.cfg.audio, fusion=m.cfg.enable_fusion)
+        with torch.no_grad():
+            if m.cfg.enable_fusion:
+                args = (batch.mel_fusion, batch.longer)
+                ref = m.encode_audio(mel_fusion=args[0], longer=args[1])
+            else:
+                args = (m.audio_branch.log_mel(batch.waveform),)
+                ref = m.encode_audio(batch.waveform)
+            got = q(*args)
+        assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
+
+
+@pytest.mark.slow
+def test_int8_compile_engine(model, synth_clips, tokens):
+    """The engine end to end: oneDNN int8 linear kernels run (profiler), fidelity within
+    INT8_MIN_COSINE of fp32 eager on 3 clips of the sound set, one clip length each, in batches
+    of 2 (the last one padded: one compiled size, 2, which the build's own check also uses),
+    text unchanged (fp32 eager)."""
+    pytest.importorskip("torchao")
+    from torch.profiler import ProfilerActivity, profile
+
+    seconds = model.cfg.audio.clip_samples / model.cfg.audio.sample_rate
+    clips = [generate_clip(i, seed=4, split="engines", duration=seconds).waveform for i in range(3)]
+    ref = model.embed_audio(clips, engine="eager", batch_size=2)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got = model.embed_audio(clips, engine="int8_compile", batch_size=2)
+    assert any("qlinear" in e.key for e in prof.key_averages())
+    assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
+    ids, mask = tokens
+    torch.testing.assert_close(
+        model.embed_text_tokens(ids, mask, engine="int8_compile"),
+        model.embed_text_tokens(ids, mask, engine="eager"),
+        rtol=0, atol=0,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
