@@ -19,7 +19,6 @@ error otherwise.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
 import os
@@ -72,9 +71,13 @@ def use_backend(name: str) -> Iterator[None]:
             _override = previous
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None
+"""Triton importable, decided at import: dynamo will not trace ``find_spec`` (a call inside a
+compiled model broke its graph at every op on a GPU); it reads this global instead."""
+
+
 def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def _interpreting() -> bool:
@@ -136,14 +139,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+_KERNELS: dict[str, object] = {}
+"""Imported kernel modules. A compiled model reads them from here: dynamo does not trace
+``import_module``, so only the first trace that meets a kernel breaks its graph there."""
+
+
 def _kernel(name: str):
     """Import ``kernels.<name>`` lazily (Triton kernels must not load at package import)."""
+    module = _KERNELS.get(name)
+    if module is not None:
+        return module
     try:
-        return importlib.import_module(f"kernels.{name}")
+        module = _KERNELS[name] = importlib.import_module(f"kernels.{name}")
     except ImportError as exc:  # pragma: no cover - depends on the installed stack
         raise RuntimeError(
             f"the Triton kernel kernels.{name} could not be imported: {exc}"
         ) from exc
+    return module
 
 
 def log_mel(

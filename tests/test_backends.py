@@ -113,6 +113,8 @@ def test_dispatch_inside_compile_and_export():
             return x + exporting + reference
 
     probe, x = Probe(), torch.zeros(1)
+    # what a GPU model's dispatch reads under compile traces too (no find_spec / import_module)
+    torch.compile(lambda t: t + float(ops._triton_available()), backend="eager", fullgraph=True)(x)
     compiled = torch.compile(probe, backend="eager", fullgraph=True)
     assert compiled(x).item() == 0.0
     with ops.use_backend("reference"):
