@@ -151,7 +151,8 @@ def _torch_to_onnx(
     """Export with a dynamic batch axis; returns the exporter's name.
 
     Both exporters put ``clap_fast.ops`` in its export branch by themselves (the legacy one via
-    ``is_in_onnx_export``, the dynamo one via ``torch.compiler.is_exporting``).
+    ``is_in_onnx_export``, the dynamo one via the flag ``torch.export`` sets; see
+    ``clap_fast.ops._exporting``).
     """
     with torch.no_grad():
         if opset >= 18:
