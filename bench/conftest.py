@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 from collections.abc import Callable
@@ -68,6 +69,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "largest: a suite's largest size (gpu_run.sh runs these last, one round)"
     )
+    # gpu_run.sh stops steps with SIGINT (pytest-benchmark then writes what finished); a shell's
+    # background job (`nohup … &`) inherits SIGINT ignored, and Python keeps it ignored
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     out = config.getoption("bench_out", None)
     if out and not config.getoption("benchmark_json", None):
         Path(out).mkdir(parents=True, exist_ok=True)

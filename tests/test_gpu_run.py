@@ -121,7 +121,12 @@ def test_sigint_keeps_the_json_of_finished_benchmarks(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "bench.conftest",
            "--rootdir", str(tmp_path), str(suite), f"--benchmark-json={out}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as a shell's background job (`nohup … &`) is:
+    # bench/conftest.py restores it, else the sleep below would run out the timeout
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
     deadline = time.monotonic() + 300
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
