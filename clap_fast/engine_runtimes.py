@@ -92,7 +92,7 @@ def _compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
     def encode(*args: torch.Tensor | None, **kwargs: torch.Tensor | None) -> torch.Tensor:
         first = next(t for t in (*args, *kwargs.values()) if t is not None)
         n = first.shape[0]
-        target = 1 << max(0, (n - 1).bit_length())
+        target = _next_power_of_two(n)
         padded = [_pad_rows(t, target) for t in args]
         named = {k: _pad_rows(v, target) for k, v in kwargs.items()}
         return fn(*padded, **named)[:n]
@@ -222,7 +222,7 @@ def _after_front_end(
         if not compiled:
             with torch.no_grad():
                 return fn(*inputs)
-        size = 1 << max(0, (n - 1).bit_length())
+        size = _next_power_of_two(n)
         # Freezing (weights as constants, prepacked for oneDNN) is what lowers the int8 pattern
         # to oneDNN's int8 linear; it must be in inductor's global config while the graph
         # compiles (as torch.compile(options={"freezing": True}) the weight prepacks met fake
@@ -231,6 +231,11 @@ def _after_front_end(
             return fn(*(_pad_rows(t, size).clone() for t in inputs))[:n]
 
     return encode
+
+
+def _next_power_of_two(n: int) -> int:
+    """The batch size the compiled engines pad ``n`` rows to (one static graph per size)."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def _pad_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
