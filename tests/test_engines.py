@@ -318,8 +318,9 @@ def test_int8_compile_quantises_fusion_and_pann_towers():
 def test_int8_compile_engine(model, synth_clips, tokens):
     """The engine end to end: oneDNN int8 linear kernels run (profiler), fidelity within
     INT8_MIN_COSINE of fp32 eager on 3 clips of the sound set, one clip length each, in batches
-    of 2 (the last one padded: one compiled size, 2, which the build's own check also uses),
-    text unchanged (fp32 eager)."""
+    of 2 (the last one padded: one compiled size, 2, which the build's own check also uses);
+    one batch of 3 runs as chunks of MICRO_BATCH rows and gives the same rows; text unchanged
+    (fp32 eager)."""
     pytest.importorskip("torchao")
     from torch.profiler import ProfilerActivity, profile
 
@@ -330,6 +331,9 @@ def test_int8_compile_engine(model, synth_clips, tokens):
         got = model.embed_audio(clips, engine="int8_compile", batch_size=2)
     assert any("qlinear" in e.key for e in prof.key_averages())
     assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
+    assert engine_runtimes.MICRO_BATCH == 2
+    chunked = model.embed_audio(clips, engine="int8_compile", batch_size=3)
+    torch.testing.assert_close(chunked, got, rtol=0, atol=1e-5)
     ids, mask = tokens
     torch.testing.assert_close(
         model.embed_text_tokens(ids, mask, engine="int8_compile"),
