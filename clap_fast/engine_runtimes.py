@@ -190,7 +190,8 @@ MICRO_BATCH = 2
 measured on 2 cores (HTSAT-tiny, 8 clips), chunks of 2 took ~300 ms against ~400 ms for one
 batch of 8, whose 30–70 MB intermediates glibc maps fresh (and the kernel zeroes) on every call
 (~36,000 page faults per batch against ~20 in chunks), and they keep the working set in cache.
-One compiled size: a short last chunk is padded (batch 1 computes 2 rows)."""
+A short last chunk is padded; a call with one row runs unpadded (a second compiled size, built
+on first use: padding would double a single clip's time, 62 -> 100 ms)."""
 
 
 def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
@@ -199,8 +200,9 @@ def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
     eager before it. Text: fp32 eager (``model.encode_text``).
 
     Quantised once (export, calibration, conversion: about 30 s on 2 cores for HTSAT-tiny);
-    compiled once, with static shapes for ``MICRO_BATCH`` rows (about 80 s on 2 cores): each
-    call runs in chunks of that many rows, a short last chunk padded by repeating its last row."""
+    compiled with static shapes for ``MICRO_BATCH`` rows (about 80 s on 2 cores): each call runs
+    in chunks of that many rows, a short last chunk padded by repeating its last row; calls with
+    one row compile (once) and run a one-row graph."""
     if tower == "text":
         log.info("int8_compile quantises the audio tower only; the text tower runs fp32 eager")
         return model.encode_text
@@ -235,16 +237,17 @@ def _after_front_end(
             with torch.no_grad():
                 return fn(*inputs(waveform, mel_fusion, longer))
         n = (waveform if waveform is not None else mel_fusion).shape[0]
+        size = min(n, chunk)  # one row alone is not padded (its own compiled size)
         out = []
         # Freezing (weights as constants, prepacked for oneDNN) is what lowers the int8 pattern
         # to oneDNN's int8 linear; it must be in inductor's global config while the graph
         # compiles (as torch.compile(options={"freezing": True}) the weight prepacks met fake
         # tensors and failed). Outside inference mode: inductor wants plain tensors.
         with torch.inference_mode(False), torch.no_grad(), _inductor_config.patch(freezing=True):
-            for i in range(0, n, chunk):
-                # a short last chunk repeats its last row: one compiled size for every batch
+            for i in range(0, n, size):
+                # a short last chunk repeats its last row: no compiled size for the remainder
                 part = (
-                    None if t is None else _pad_rows(t[i : i + chunk], chunk).clone()
+                    None if t is None else _pad_rows(t[i : i + size], size).clone()
                     for t in (waveform, mel_fusion, longer)
                 )
                 out.append(fn(*inputs(*part))[: n - i])

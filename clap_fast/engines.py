@@ -18,8 +18,8 @@ int8_compile   audio: static int8 (torchao PT2E, ``X86InductorQuantizer``;  2.71
                16 built-in synthetic clips) compiled by inductor with                 0.004 (bound
                freezing to oneDNN int8 kernels (VNNI); front end and                  0.01); 0.9997
                patch-embedding convolution fp32. Text: fp32 eager.                    on HTSAT-tiny
-               Quantises in ~30 s, compiles once (~80 s); runs in chunks
-               of 2 rows
+               Quantises in ~30 s, compiles ~80 s (once for 2 rows, once
+               more for single-row calls); runs in chunks of 2 rows
 onnx           the ``export/`` graph in onnxruntime's CPU provider          1.37×   exact (≤ 1e-6)
 openvino       the same graph in OpenVINO, f32 inference precision          1.57×   exact (≤ 1e-6)
 openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.54×   **unsafe**:

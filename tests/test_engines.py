@@ -314,26 +314,43 @@ def test_int8_compile_quantises_fusion_and_pann_towers():
         assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
 
 
+def test_int8_compile_runs_in_chunks(model):
+    """The compiled int8 graph sees MICRO_BATCH rows per call (the front end runs per chunk
+    too), a short last chunk padded and cut off again, a single row unpadded; rows come back in
+    order."""
+    seen = []
+
+    def graph(mel: torch.Tensor) -> torch.Tensor:
+        seen.append(mel.shape[0])
+        return mel.flatten(1)[:, :3] * 2
+
+    encode = engine_runtimes._after_front_end(model, graph, chunk=engine_runtimes.MICRO_BATCH)
+    wave = torch.randn(5, model.cfg.audio.clip_samples, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.audio_branch.log_mel(wave).flatten(1)[:, :3] * 2
+        torch.testing.assert_close(encode(wave), want)
+        assert seen == [2, 2, 2]
+        seen.clear()
+        torch.testing.assert_close(encode(wave[3:4]), want[3:4])
+    assert seen == [1]
+
+
 @pytest.mark.slow
 def test_int8_compile_engine(model, synth_clips, tokens):
     """The engine end to end: oneDNN int8 linear kernels run (profiler), fidelity within
-    INT8_MIN_COSINE of fp32 eager on 3 clips of the sound set, one clip length each, in batches
-    of 2 (the last one padded: one compiled size, 2, which the build's own check also uses);
-    one batch of 3 runs as chunks of MICRO_BATCH rows and gives the same rows; text unchanged
-    (fp32 eager)."""
+    INT8_MIN_COSINE of fp32 eager on 3 clips of the sound set, one clip length each, in one
+    batch of 3 (chunks of MICRO_BATCH = 2 rows, the last one padded: one compiled size); text
+    unchanged (fp32 eager)."""
     pytest.importorskip("torchao")
     from torch.profiler import ProfilerActivity, profile
 
     seconds = model.cfg.audio.clip_samples / model.cfg.audio.sample_rate
     clips = [generate_clip(i, seed=4, split="engines", duration=seconds).waveform for i in range(3)]
-    ref = model.embed_audio(clips, engine="eager", batch_size=2)
+    ref = model.embed_audio(clips, engine="eager", batch_size=3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        got = model.embed_audio(clips, engine="int8_compile", batch_size=2)
+        got = model.embed_audio(clips, engine="int8_compile", batch_size=3)
     assert any("qlinear" in e.key for e in prof.key_averages())
     assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
-    assert engine_runtimes.MICRO_BATCH == 2
-    chunked = model.embed_audio(clips, engine="int8_compile", batch_size=3)
-    torch.testing.assert_close(chunked, got, rtol=0, atol=1e-5)
     ids, mask = tokens
     torch.testing.assert_close(
         model.embed_text_tokens(ids, mask, engine="int8_compile"),
