@@ -95,7 +95,9 @@ class InferenceMixin:
         ]
         out = torch.empty(len(clips), self.cfg.joint_embed_shape)
         bar = tqdm(total=len(clips), desc="embed audio", unit="clip", disable=not progress)
-        choice = engines.select(self, engine, "audio", normalize=normalize, autocast=autocast)
+        choice = engines.select(
+            self, engine, "audio", normalize=normalize, autocast=autocast, clips=len(clips)
+        )
         with torch.inference_mode(), choice.autocast(self.device):
             for idx in _chunks(len(clips), batch_size):
                 out[idx.start : idx.stop] = self._embed_clips(
@@ -179,6 +181,16 @@ class InferenceMixin:
                     raise ValueError(f"cannot decode {p}: {exc}") from exc
                 return exc
 
+        if not frames and kwargs.get("engine") in (None, "auto"):
+            # auto decides for the whole job (int8_compile pays back over many files), once
+            kwargs["engine"] = engines.select(
+                self,
+                kwargs.get("engine"),
+                "audio",
+                normalize=kwargs.get("normalize", True),
+                autocast=kwargs.get("autocast"),
+                clips=len(paths),
+            ).engine
         bar = tqdm(total=len(paths), desc="embed files", unit="file", disable=not progress)
         chunks = list(_chunks(len(paths), batch_size))
         with ThreadPoolExecutor(max(1, num_workers)) as pool:

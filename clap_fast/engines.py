@@ -35,32 +35,36 @@ int8           the same graph with every linear layer's MatMul / Gemm       2.27
 The default (``engine=None``, no ``--engine``) is ``CLAP_FAST_ENGINE`` when set, else ``eager``
 in fp32: embeddings equal LAION's to float tolerance on every machine, which is this project's
 first promise. ``auto`` (``engine="auto"``, ``--engine auto`` or ``CLAP_FAST_ENGINE=auto``) is the
-fast choice for CPU inference when reduced precision (cos ≥ ``AUTO_MIN_COSINE`` = 0.9999 to
-fp32, measured on a trained model) is acceptable.
+fast choice for CPU inference when reduced precision is acceptable: cos ≥ ``AUTO_MIN_COSINE``
+= 0.9999 to fp32 for bf16, ≥ ``INT8_MIN_COSINE`` = 0.999 for int8_compile (measured on a
+trained model).
 
-``auto`` decides from the CPU's capabilities, never by timing at run time:
+``auto`` decides from the CPU's capabilities and the job's size, never by timing at run time:
 
 1. ``CLAP_FAST_ENGINE`` set in the environment -> that engine;
 2. the model is not on the CPU -> ``eager`` (Triton kernels on a GPU);
 3. the caller passed ``autocast`` -> ``eager`` under it;
-4. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
+4. audio, an x86 CPU (AVX2), torchao installed (``clap_fast[int8]``), and either
+   ``int8_compile`` already built for this model or a job of at least ``AUTO_INT8_CLIPS`` clips
+   (3,500 where the alternative is bf16, 1,200 where it is fp32 eager: where its ~80 s build
+   pays back) -> ``int8_compile``. A job is one ``embed_audio`` call, or all the files of one
+   ``embed_audio_files`` call (``clap-fast embed``);
+5. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
    and neither ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 nor ``ATEN_CPU_CAPABILITY`` below
-   avx512) -> ``bf16``, both towers (2.07× laion_clap above, 2.63× in the same run's ``auto``
-   row: this machine's noise; 1.7–1.9× fp32 eager for RoBERTa text). ``openvino_bf16`` lost
-   the fp32 embeddings on a trained model; int8 (2.27×; 1.75× in an earlier run) is no clear
-   win over bf16 and needs an export; ``int8_compile`` is the fastest (2.71×) but quantises
-   and compiles for minutes on first use and its activation scales come from synthetic
-   calibration clips — so none of them is picked;
-5. otherwise -> ``eager``. Under the AVX2-only simulation (``ONEDNN_MAX_CPU_ISA=AVX2
+   avx512) -> ``bf16``, both towers (1.7–1.9× fp32 eager for RoBERTa text). ``openvino_bf16``
+   lost the fp32 embeddings on a trained model; int8 (onnxruntime) is no clear win over bf16
+   and needs an export;
+6. otherwise -> ``eager``. Under the AVX2-only simulation (``ONEDNN_MAX_CPU_ISA=AVX2
    ATEN_CPU_CAPABILITY=avx2`` on the same CPU, ``cpu_engines_avx2sim_*``) bf16 autocast was
    0.19× fp32 eager (emulated); on the real AVX2-only machine of issue 21 it was 6× slower,
-   onnxruntime 0.98× and OpenVINO 1.06× eager. int8 (onnxruntime) was 2.3× laion_clap in the
-   simulation, but onnxruntime ignores the ISA limit (it ran its AVX512-VNNI kernels), so that
-   is no AVX2 number: auto never picks a path that may be slower than fp32 eager.
+   onnxruntime 0.98× and OpenVINO 1.06× eager. onnxruntime's int8 ignores the ISA limit (it ran
+   its AVX512-VNNI kernels in the simulation), so it has no AVX2 number. ``int8_compile`` obeys
+   the limit (oneDNN): 2.35× laion_clap at batch 8 in the simulation, where activations are
+   quantised to 7 bits (no VNNI).
 
-The int8, int8_compile, onnx, openvino(_bf16) and compile engines are for callers who ask for
-them (they export or compile on first use, seconds to minutes); for a bulk job on an x86 CPU
-with VNNI, ``int8_compile`` is the fastest measured. Exported engines return L2-normalised
+The int8, onnx, openvino(_bf16) and compile engines are for callers who ask for them (they
+export or compile on first use, seconds to minutes); ``int8_compile`` is the fastest measured,
+and auto's choice for large jobs. Exported engines return L2-normalised
 embeddings, so they need ``normalize=True``. Built graphs are cached per model and rebuilt when
 its weights change (in-place updates bump the parameters' version counters).
 """
@@ -103,7 +107,17 @@ EXPORTED = ("onnx", "openvino", "openvino_bf16", "int8")
 INT8_MIN_COSINE = 0.999
 """Bound on the row-wise cosine of int8 audio embeddings to fp32 eager (issue 21)."""
 AUTO_MIN_COSINE = 0.9999
-"""What ``auto`` may cost: row-wise cosine to fp32 eager measured ≥ this for what it picks."""
+"""What ``auto`` may cost: row-wise cosine to fp32 eager measured ≥ this for what it picks
+(bf16); ``int8_compile``, which it picks for large audio jobs, is held to ``INT8_MIN_COSINE``."""
+INT8_COMPILE_BUILD_S = 80.0
+"""int8_compile's build before its first batch: quantisation ~37 s, fidelity check and compile
+~43 s (HTSAT-tiny, 2 cores; a second process is no faster: freezing bypasses inductor's cache)."""
+AUTO_INT8_CLIPS = {"bf16": 3500, "eager": 1200}
+"""Audio clips in one job from which ``auto`` picks int8_compile over the engine it would pick
+otherwise: where its build pays back. Against bf16: 72 -> 48.5 ms per clip (batch 8,
+``cpu_engines_cpu-2core_2026-12-04``), 80 s / 23 ms = 3,500 clips. Against fp32 eager (no bf16
+units): 148 -> 77 ms per clip (AVX2 simulation, ``cpu_engines_avx2sim_cpu-2core_2026-12-04``),
+80 s / 71 ms = 1,100 clips, rounded up."""
 ENV = "CLAP_FAST_ENGINE"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
@@ -218,9 +232,12 @@ def auto_engine(
     autocast: torch.dtype | None = None,
     info: CpuInfo | None = None,
     tower: str = "audio",
+    clips: int | None = None,
+    built: bool = False,
 ) -> tuple[str, str]:
-    """``auto``'s rules (module docstring): (engine, reason). ``tower`` ("audio" | "text") is
-    in the signature for rules that differ per tower; none does at present."""
+    """``auto``'s rules (module docstring): (engine, reason). ``clips``: audio clips in the job
+    (None: unknown, taken as small); ``built``: int8_compile is already built for this model's
+    ``tower`` (its cost is paid)."""
     env = os.environ.get(ENV)
     if env and env != "auto":
         if env not in ENGINES[1:]:
@@ -232,11 +249,23 @@ def auto_engine(
         return "eager", f"autocast={autocast} given by the caller"
     info = info or cpu_info()
     if info.bf16_units:
-        return "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
-    return "eager", (
-        f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "
-        "(bf16 would be emulated and slower; no other engine is reliably faster)"
-    )
+        other, why = "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
+    else:
+        other, why = "eager", (
+            f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "
+            "(bf16 would be emulated and slower)"
+        )
+    if tower == "audio" and "avx2" in info.flags and torchao_available():
+        need = AUTO_INT8_CLIPS[other]
+        if built:
+            return "int8_compile", "int8_compile is already built for this model"
+        if clips is not None and clips >= need:
+            return "int8_compile", (
+                f"{clips} clips >= {need}: int8_compile's ~{INT8_COMPILE_BUILD_S:.0f} s build "
+                f"pays back against {other} ({info.isa()})"
+            )
+        why += f"; int8_compile from {need} clips in one job"
+    return other, why
 
 
 @dataclass
@@ -285,8 +314,10 @@ def select(
     *,
     normalize: bool = True,
     autocast: torch.dtype | None = None,
+    clips: int | None = None,
 ) -> Choice:
     """Resolve ``engine`` for ``tower`` ("audio" | "text") of ``model``; build it if needed.
+    ``clips``: audio clips in the whole job, for ``auto`` (None: unknown, taken as small).
 
     Raises ValueError for an unknown engine, an exported engine with ``normalize=False`` or on
     a GPU model, and ``autocast`` combined with an engine other than eager.
@@ -301,7 +332,10 @@ def select(
         raise ValueError(f"tower must be 'audio' or 'text', got {tower!r}")
     device = ops.device_of(model)
     if engine == "auto":
-        engine, reason = auto_engine(device, autocast=autocast, tower=tower)
+        built = tower == "audio" and _is_built(model, "int8_compile", tower)
+        engine, reason = auto_engine(
+            device, autocast=autocast, tower=tower, clips=clips, built=built
+        )
         if engine in EXPORTED and not normalize:
             engine = "bf16" if engine == "openvino_bf16" else "eager"
             reason = f"{reason}; normalize=False needs a PyTorch engine: {engine}"
@@ -344,6 +378,11 @@ def select(
     dtype = torch.bfloat16 if engine == "bf16" else autocast
     encode = None if engine in ("eager", "bf16") else _built(model, engine, tower)
     return Choice(engine, reason, dtype, encode)
+
+
+def _is_built(model: nn.Module, engine: str, tower: str) -> bool:
+    entry = _BUILT.get(model, {}).get((engine, tower))
+    return entry is not None and entry[0] == _fingerprint(model)
 
 
 def _built(model: nn.Module, engine: str, tower: str) -> Callable[..., torch.Tensor]:

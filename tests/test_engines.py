@@ -72,6 +72,61 @@ def test_auto_rules(no_env, info, device, autocast, tower, want):
 
 
 @pytest.mark.parametrize(
+    ("info", "clips", "built", "want"),
+    [
+        (BF16, None, False, "bf16"),
+        (BF16, 3499, False, "bf16"),
+        (BF16, 3500, False, "int8_compile"),
+        (AMX, 10**6, False, "int8_compile"),
+        (AVX2, 1199, False, "eager"),
+        (AVX2, 1200, False, "int8_compile"),
+        (BF16, 1, True, "int8_compile"),
+        (AVX2, None, True, "int8_compile"),
+        (CpuInfo("no /proc/cpuinfo"), 10**6, True, "eager"),  # not known to be x86
+    ],
+)
+def test_auto_picks_int8_compile_where_its_build_pays_back(
+    no_env, monkeypatch, info, clips, built, want
+):
+    """Audio jobs of AUTO_INT8_CLIPS clips or more (or a model that has it built already) get
+    int8_compile on x86 with torchao; never the text tower, never without torchao."""
+    monkeypatch.setattr(engines, "torchao_available", lambda: True)
+    engine, reason = auto_engine(CPU, info=info, clips=clips, built=built)
+    assert engine == want and reason
+    assert auto_engine(CPU, info=info, clips=clips, built=built, tower="text")[0] != "int8_compile"
+    assert auto_engine(CPU, info=info, clips=clips, autocast=torch.bfloat16)[0] == "eager"
+    monkeypatch.setattr(engines, "torchao_available", lambda: False)
+    assert auto_engine(CPU, info=info, clips=clips, built=built)[0] != "int8_compile"
+
+
+def test_auto_counts_the_clips_of_the_whole_job(no_env, monkeypatch, tmp_path):
+    """embed_audio decides on its clips, embed_audio_files on all its files (not per batch), and
+    a built int8_compile is kept for later calls of any size."""
+    m = small_model()
+    built = []
+
+    def build(model, engine, tower):
+        built.append(engine)
+        return model.encode_audio
+
+    monkeypatch.setattr(engines, "torchao_available", lambda: True)
+    monkeypatch.setattr(engines, "cpu_info", lambda: BF16)
+    monkeypatch.setattr(engines, "AUTO_INT8_CLIPS", {"bf16": 3, "eager": 3})
+    monkeypatch.setattr(engine_runtimes, "build", build)
+    assert engines.select(m, "auto", "audio", clips=2).engine == "bf16"
+    m.embed_audio(signals(2, 48000), engine="auto")
+    assert built == []
+    for i in range(3):
+        sf.write(tmp_path / f"{i}.wav", signals(1, 48000, seed=i)[0].numpy(), 48000)
+    files = sorted(tmp_path.glob("*.wav"))
+    m.embed_audio_files(files, batch_size=2, engine="auto", progress=False)
+    assert built == ["int8_compile"]  # 3 files in batches of 2: the job counts
+    assert engines.select(m, "auto", "audio", clips=1).engine == "int8_compile"
+    assert engines.select(m, "auto", "text").engine == "bf16"
+    assert built == ["int8_compile"]
+
+
+@pytest.mark.parametrize(
     ("env", "value", "bf16"),
     [
         ("ONEDNN_MAX_CPU_ISA", "AVX2", False),
@@ -351,6 +406,7 @@ def test_int8_compile_engine(model, synth_clips, tokens):
         got = model.embed_audio(clips, engine="int8_compile", batch_size=3)
     assert any("qlinear" in e.key for e in prof.key_averages())
     assert _min_cos(got, ref) >= INT8_MIN_COSINE and not torch.equal(got, ref)
+    assert engines.select(model, "auto", "audio", clips=1).engine == "int8_compile"  # built
     ids, mask = tokens
     torch.testing.assert_close(
         model.embed_text_tokens(ids, mask, engine="int8_compile"),
