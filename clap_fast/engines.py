@@ -249,9 +249,11 @@ def auto_engine(
         return "eager", f"autocast={autocast} given by the caller"
     info = info or cpu_info()
     if info.bf16_units:
-        other, why = "bf16", f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
+        other = "bf16"
+        why = f"CPU has bf16 units ({info.isa()}): bf16 autocast, front end fp32"
     else:
-        other, why = "eager", (
+        other = "eager"
+        why = (
             f"CPU without bf16 units ({info.isa() or 'unknown ISA'}): fp32 eager "
             "(bf16 would be emulated and slower)"
         )
