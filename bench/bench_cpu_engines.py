@@ -42,7 +42,7 @@ from bench.bench_embed import audio_fn as baseline_audio_fn
 from clap_fast import engines
 
 BATCHES = [1, 8]
-ROUNDS = 5
+ROUNDS = 7
 COMPILE = os.environ.get("CLAP_BENCH_COMPILE") == "1"
 PROVIDERS = [
     "laion_clap",
@@ -107,7 +107,7 @@ def test_cpu_engine_audio(benchmark, request, batch: int, provider: str) -> None
     fn = _embed(provider, batch)
     out = fn()  # builds the engine (export / quantise / compile) before timing
     rounds = ROUNDS if provider != "laion_clap" or batch > 1 else 2 * ROUNDS
-    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=2)
     agree = {}
     for ref_name in ("eager", "laion_clap"):
         ref = _reference(ref_name, batch)
