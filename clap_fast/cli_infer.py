@@ -100,7 +100,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=ENGINES,
         help="inference engine (clap_fast.engines); default fp32 eager (LAION's numbers); "
-        "auto picks for this CPU and job, and logs why: int8_compile for 1,200+ files (3,500+ "
+        "auto picks for this CPU and job, and logs why: int8_compile for 1,000+ files (3,000+ "
         "with bf16 units; x86, needs torchao), else bf16 where the CPU has bf16 units, else fp32",
     )
     g.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")

@@ -1,31 +1,31 @@
 """Inference engines of the ``embed_*`` calls, and what ``engine="auto"`` picks on this machine.
 
-Measured (``bench/results/cpu_engines_cpu-2core_2026-12-03.md``, HTSAT-tiny audio, 10 s clips,
+Measured (``bench/results/cpu_engines_cpu-2core_2026-12-04.md``, HTSAT-tiny audio, 10 s clips,
 batch 8, 2-core AVX512-BF16 EPYC, × laion_clap 1.1.7 fp32 in the same run) and fidelity on a
 trained model (``int8_fidelity_cpu-2core_2026-12-03.md``, HTSAT-mini, 512 held-out clips):
 
 =============  ===========================================================  ======  ===========
 engine         what runs                                                    × LAION  fidelity
 =============  ===========================================================  ======  ===========
-eager          the model in PyTorch (fp32, or under the caller's            0.93×   reference
+eager          the model in PyTorch (fp32, or under the caller's            1.15×   reference
                ``autocast``)
-bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.07×   cos ≥ 0.99999
+bf16           eager under bf16 autocast; the log-mel front end stays fp32  2.23×   cos ≥ 0.99999
 compile        ``torch.compile`` of ``encode_audio`` / ``encode_text``,     —       exact (fp32)
                static shapes (batches padded to a power of two); compiles
                for minutes on 2 cores
-int8_compile   audio: static int8 (torchao PT2E, ``X86InductorQuantizer``;  2.71×   cos ≥ 0.9996,
+int8_compile   audio: static int8 (torchao PT2E, ``X86InductorQuantizer``;  3.62×   cos ≥ 0.9996,
                int8 weights per channel, activation scales calibrated on            metrics within
                16 built-in synthetic clips) compiled by inductor with                 0.004 (bound
                freezing to oneDNN int8 kernels (VNNI); front end and                  0.01); 0.9997
                patch-embedding convolution fp32. Text: fp32 eager.                    on HTSAT-tiny
-               Quantises in ~30 s, compiles ~80 s (once for 2 rows, once
-               more for single-row calls); runs in chunks of 2 rows
-onnx           the ``export/`` graph in onnxruntime's CPU provider          1.37×   exact (≤ 1e-6)
-openvino       the same graph in OpenVINO, f32 inference precision          1.57×   exact (≤ 1e-6)
-openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.54×   **unsafe**:
+               Builds in ~80 s (quantise ~37 s, compile ~43 s; once more
+               for single-row calls); runs in chunks of 2 rows
+onnx           the ``export/`` graph in onnxruntime's CPU provider          1.30×   exact (≤ 1e-6)
+openvino       the same graph in OpenVINO, f32 inference precision          1.38×   exact (≤ 1e-6)
+openvino_bf16  the same graph in OpenVINO at bf16 inference precision       2.92×   **unsafe**:
                (falls back to f32, with a warning, where OpenVINO cannot            cos 0.38 on a
                compile at bf16)                                                     trained model
-int8           the same graph with every linear layer's MatMul / Gemm       2.27×   cos ≥ 0.99998,
+int8           the same graph with every linear layer's MatMul / Gemm       2.50×   cos ≥ 0.99998,
                quantised by onnxruntime (``quantize_dynamic``: int8                 metrics within
                weights per output channel, activations per call); front             0.004 (bound
                end, resize and attention-score matmuls stay fp32                    0.01); 0.99987
@@ -46,7 +46,7 @@ trained model).
 3. the caller passed ``autocast`` -> ``eager`` under it;
 4. audio, an x86 CPU (AVX2), torchao installed (``clap_fast[int8]``), and either
    ``int8_compile`` already built for this model or a job of at least ``AUTO_INT8_CLIPS`` clips
-   (3,500 where the alternative is bf16, 1,200 where it is fp32 eager: where its ~80 s build
+   (3,000 where the alternative is bf16, 1,000 where it is fp32 eager: where its ~80 s build
    pays back) -> ``int8_compile``. A job is one ``embed_audio`` call, or all the files of one
    ``embed_audio_files`` call (``clap-fast embed``);
 5. bf16 units usable (``CpuInfo.bf16_units``: ``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo,
@@ -112,12 +112,12 @@ AUTO_MIN_COSINE = 0.9999
 INT8_COMPILE_BUILD_S = 80.0
 """int8_compile's build before its first batch: quantisation ~37 s, fidelity check and compile
 ~43 s (HTSAT-tiny, 2 cores; a second process is no faster: freezing bypasses inductor's cache)."""
-AUTO_INT8_CLIPS = {"bf16": 3500, "eager": 1200}
+AUTO_INT8_CLIPS = {"bf16": 3000, "eager": 1000}
 """Audio clips in one job from which ``auto`` picks int8_compile over the engine it would pick
-otherwise: where its build pays back. Against bf16: 72 -> 48.5 ms per clip (batch 8,
-``cpu_engines_cpu-2core_2026-12-04``), 80 s / 23 ms = 3,500 clips. Against fp32 eager (no bf16
-units): 148 -> 77 ms per clip (AVX2 simulation, ``cpu_engines_avx2sim_cpu-2core_2026-12-04``),
-80 s / 71 ms = 1,100 clips, rounded up."""
+otherwise: where its ~80 s build pays back (rounded). Against bf16: 72.3 -> 44.6 ms per clip
+(batch 8, ``cpu_engines_cpu-2core_2026-12-04``), 80 s / 27.7 ms = 2,900 clips. Against fp32
+eager (no bf16 units): 149 -> 70 ms per clip (AVX2 simulation,
+``cpu_engines_avx2sim_cpu-2core_2026-12-04``), 80 s / 79 ms = 1,000 clips."""
 ENV = "CLAP_FAST_ENGINE"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")

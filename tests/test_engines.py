@@ -75,11 +75,11 @@ def test_auto_rules(no_env, info, device, autocast, tower, want):
     ("info", "clips", "built", "want"),
     [
         (BF16, None, False, "bf16"),
-        (BF16, 3499, False, "bf16"),
-        (BF16, 3500, False, "int8_compile"),
+        (BF16, engines.AUTO_INT8_CLIPS["bf16"] - 1, False, "bf16"),
+        (BF16, engines.AUTO_INT8_CLIPS["bf16"], False, "int8_compile"),
         (AMX, 10**6, False, "int8_compile"),
-        (AVX2, 1199, False, "eager"),
-        (AVX2, 1200, False, "int8_compile"),
+        (AVX2, engines.AUTO_INT8_CLIPS["eager"] - 1, False, "eager"),
+        (AVX2, engines.AUTO_INT8_CLIPS["eager"], False, "int8_compile"),
         (BF16, 1, True, "int8_compile"),
         (AVX2, None, True, "int8_compile"),
         (CpuInfo("no /proc/cpuinfo"), 10**6, True, "eager"),  # not known to be x86
