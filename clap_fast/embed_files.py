@@ -122,7 +122,11 @@ def write_embeddings(
         col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
         cols = {"path": names, "embedding": col}
         if times is not None:
-            cols = {"path": names, "time": pa.array(np.asarray(times, np.float32)), "embedding": col}
+            cols = {
+                "path": names,
+                "time": pa.array(np.asarray(times, np.float32)),
+                "embedding": col,
+            }
         table = pa.table(cols)
         table = table.replace_schema_metadata({META_KEY: json.dumps(identity).encode()})
         pq.write_table(table, out)

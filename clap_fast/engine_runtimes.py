@@ -209,6 +209,11 @@ def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
     graph = quantise_audio_int8(model)
     # the fidelity check runs the graph eagerly (simulated int8): no extra compiled size
     _check_fidelity(model, tower, _after_front_end(model, graph), "int8_compile")
+    log.info(
+        "int8_compile: quantised; the first call compiles the graph for %d-row chunks "
+        "(about 45 s on 2 cores; once more for a single-row call)",
+        MICRO_BATCH,
+    )
     return _after_front_end(model, torch.compile(graph, dynamic=False), chunk=MICRO_BATCH)
 
 
