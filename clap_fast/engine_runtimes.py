@@ -191,7 +191,7 @@ measured on 2 cores (HTSAT-tiny, 8 clips), chunks of 2 took ~300 ms against ~400
 batch of 8, whose 30–70 MB intermediates glibc maps fresh (and the kernel zeroes) on every call
 (~36,000 page faults per batch against ~20 in chunks), and they keep the working set in cache.
 A short last chunk is padded; a call with one row runs unpadded (a second compiled size, built
-on first use: padding would double a single clip's time, 62 -> 100 ms)."""
+on first use: padded, a single clip took 100 ms, against 43 ms unpadded in a later run)."""
 
 
 def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
@@ -199,8 +199,8 @@ def _int8_compiled(model: nn.Module, tower: str) -> Callable[..., torch.Tensor]:
     oneDNN int8 kernels (VNNI / AMX where the CPU has them); the log-mel front end runs fp32
     eager before it. Text: fp32 eager (``model.encode_text``).
 
-    Quantised once (export, calibration, conversion: about 30 s on 2 cores for HTSAT-tiny);
-    compiled with static shapes for ``MICRO_BATCH`` rows (about 80 s on 2 cores): each call runs
+    Quantised once (export, calibration, conversion: about 37 s on 2 cores for HTSAT-tiny);
+    compiled with static shapes for ``MICRO_BATCH`` rows (about 45 s on 2 cores): each call runs
     in chunks of that many rows, a short last chunk padded by repeating its last row; calls with
     one row compile (once) and run a one-row graph."""
     if tower == "text":

@@ -59,7 +59,7 @@ trained model).
    0.19× fp32 eager (emulated); on the real AVX2-only machine of issue 21 it was 6× slower,
    onnxruntime 0.98× and OpenVINO 1.06× eager. onnxruntime's int8 ignores the ISA limit (it ran
    its AVX512-VNNI kernels in the simulation), so it has no AVX2 number. ``int8_compile`` obeys
-   the limit (oneDNN): 2.35× laion_clap at batch 8 in the simulation, where activations are
+   the limit (oneDNN): 2.34× laion_clap at batch 8 in the simulation, where activations are
    quantised to 7 bits (no VNNI).
 
 The int8, onnx, openvino(_bf16) and compile engines are for callers who ask for them (they
