@@ -261,6 +261,32 @@ def _after_front_end(
     return encode
 
 
+def in_chunks(
+    fn: Callable[..., torch.Tensor], rows: int = MICRO_BATCH
+) -> Callable[..., torch.Tensor]:
+    """``fn`` (an encode callable) called on at most ``rows`` rows at a time, outputs joined: the
+    bf16 engine's audio tower on the CPU (same rows, smaller intermediates; see MICRO_BATCH).
+    Measured there (HTSAT-tiny, 2 cores, one process, alternating): 32 clips 2.6 s against 3.8 s
+    in one call, 8 clips 3–12 % faster."""
+
+    def encode(*args: torch.Tensor | None, **kwargs: torch.Tensor | None) -> torch.Tensor:
+        n = next(t for t in (*args, *kwargs.values()) if t is not None).shape[0]
+        if n <= rows:
+            return fn(*args, **kwargs)
+        parts = []
+        for i in range(0, n, rows):
+            cut = slice(i, i + rows)
+            parts.append(
+                fn(
+                    *(None if t is None else t[cut] for t in args),
+                    **{k: None if v is None else v[cut] for k, v in kwargs.items()},
+                )
+            )
+        return torch.cat(parts)
+
+    return encode
+
+
 def _next_power_of_two(n: int) -> int:
     """The batch size the compile engine pads ``n`` rows to (one static graph per size)."""
     return 1 << max(0, (n - 1).bit_length())

@@ -230,6 +230,24 @@ def test_bf16_engine(model, synth_clips, tokens):
     assert _min_cos(model.embed_text_tokens(ids, mask, engine="bf16"), t_ref) >= 0.999
 
 
+def test_bf16_runs_the_cpu_audio_tower_in_chunks(model, monkeypatch):
+    """On the CPU the bf16 engine calls the audio tower on MICRO_BATCH rows at a time (smaller
+    intermediates) and gives the rows of one whole-batch call under bf16 autocast."""
+    x = signals(5, 48000)
+    want = model.embed_audio(x, engine="eager", autocast=torch.bfloat16, batch_size=5)
+    seen = []
+    real = model.encode_audio
+
+    def spy(*args, **kwargs):
+        seen.append(next(t for t in (*args, *kwargs.values()) if t is not None).shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_audio", spy)
+    got = model.embed_audio(x, engine="bf16", batch_size=5)
+    assert seen == [2, 2, 1]
+    assert _min_cos(got, want) >= 0.99999
+
+
 def test_int8_engine_fidelity_on_the_sound_set(model, synth_clips, tokens):
     """int8 audio embeddings of the built-in sound set within INT8_MIN_COSINE of fp32."""
     ref = model.embed_audio(synth_clips, engine="eager", batch_size=4)
